@@ -1,0 +1,252 @@
+"""PyTorch adapter: forward hooks that exist for one call, gradients w.r.t. the layer's activations only.
+
+One forward pass serves any number of layers. The layers before the first requested layer run under
+``torch.no_grad`` (no autograd graph, no memory for it); the hook on that layer turns gradients on, so the
+backward pass (``torch.autograd.grad`` of the target scores w.r.t. the activations) touches only the layers after
+it and never accumulates parameter gradients. The hook returns a clone of the activations, so in-place ops after
+the layer (``ReLU(inplace=True)``, DenseNet) cannot corrupt what was captured.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from camcore.targets import check_targets, class_indices, target_scores
+
+from . import unknown_layer
+
+__all__ = ["TorchAdapter"]
+
+_MODES = ("eval", "as-is")
+
+
+def _detach(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach()
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_detach(t) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _detach(v) for k, v in tree.items()}
+    return tree
+
+
+class TorchAdapter:
+    """Adapter for a ``torch.nn.Module``.
+
+    Args:
+        model: the model; it is never changed (weights, buffers, ``training`` flags and hooks are the same
+            after every call, also when the model raises).
+        model_mode: ``"eval"`` (default) runs the call in inference mode (dropout off, batch-norm statistics
+            frozen); ``"as-is"`` keeps each module's own ``training`` flag (buffers are restored afterwards).
+    """
+
+    channels_last = False
+
+    def __init__(self, model: torch.nn.Module, *, model_mode: str = "eval"):
+        if model_mode not in _MODES:
+            raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
+        self.model = model
+        self.model_mode = model_mode
+
+    # ----------------------------------------------------------------------------------------- layers
+    def resolve_layer(self, layer) -> tuple[str, torch.nn.Module]:
+        """``(name, module)`` for a module path such as ``"layer4.1"`` or a module object of the model."""
+        if isinstance(layer, torch.nn.Module):
+            for name, module in self.model.named_modules():
+                if module is layer:
+                    return name or type(layer).__name__, module
+            raise ValueError(f"layer: the {type(layer).__name__} module passed is not part of the model")
+        if not isinstance(layer, str):
+            raise TypeError(f"layer: expected a module path (str) or a torch.nn.Module of the model, "
+                            f"got {type(layer).__name__}")
+        modules = dict(self.model.named_modules())
+        if layer not in modules or layer == "":
+            raise unknown_layer(layer, [n for n in modules if n])
+        return layer, modules[layer]
+
+    def default_layer(self, inputs) -> str:
+        """The last module (in execution order) whose output is a feature map: same rank as ``inputs`` and
+        more than one spatial position. Costs one forward pass of the first sample."""
+        self.check_inputs(inputs)
+        seen: list[str] = []
+        names = {m: n for n, m in self.model.named_modules() if n}
+
+        def hook(module, args, out):
+            if isinstance(out, torch.Tensor) and out.ndim == inputs.ndim and out.shape[2:].numel() > 1:
+                seen.append(names[module])
+
+        with self._session() as hooks, torch.no_grad():
+            hooks.extend(m.register_forward_hook(hook) for m in names)
+            self.model(inputs[:1])
+        if not seen:
+            raise ValueError("layer: no module of the model outputs a channels-first feature map of the "
+                             "inputs' rank; name the layer to explain")
+        return seen[-1]
+
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_modules() if n]
+
+    # ----------------------------------------------------------------------------------------- inputs
+    @staticmethod
+    def check_inputs(inputs) -> None:
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs: expected a torch.Tensor for a PyTorch model, got {type(inputs).__name__}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"inputs: expected a floating-point tensor (B, C, *spatial), got dtype {inputs.dtype}")
+        if inputs.ndim < 2 or inputs.shape[0] == 0:
+            raise ValueError(f"inputs: expected a non-empty batch (B, C, *spatial) with B >= 1, "
+                             f"got shape {tuple(inputs.shape)}")
+
+    @staticmethod
+    def spatial_shape(inputs) -> tuple[int, ...]:
+        """The inputs' spatial size ``S`` of ``(B, C, *S)``."""
+        return tuple(inputs.shape[2:])
+
+    # ------------------------------------------------------------------------------------ the session
+    @contextlib.contextmanager
+    def _session(self):
+        """Set the model's mode for one call; remove hooks, restore flags, buffers and grad mode afterwards."""
+        model = self.model
+        flags = [(m, m.training) for m in model.modules()]
+        grad_mode = torch.is_grad_enabled()
+        hooks: list = []
+        if self.model_mode == "eval":
+            model.eval()
+        buffers = ([(b, b.detach().clone()) for b in model.buffers()]
+                   if any(m.training for m in model.modules()) else [])
+        try:
+            yield hooks
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, flag in flags:
+                m.training = flag
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            torch.set_grad_enabled(grad_mode)
+
+    # ---------------------------------------------------------------------------- the contract methods
+    def activations_and_grads(self, inputs, layers, targets=None, *, gradients=True):
+        """One forward pass; for each layer, its activations and ``d(sum_b y_b)/dA`` (``(B, C, *S)``).
+
+        Args:
+            inputs: ``(B, C, *S)`` float tensor on the model's device.
+            layers: list of module paths or module objects.
+            targets: as :func:`camcore.targets.check_targets` accepts.
+            gradients: ``False`` skips the backward pass (``grads`` is then a list of ``None``).
+        Returns:
+            ``(outputs, activations, grads)``: the detached model outputs, and per layer the detached
+            activations and gradients as the layer produced them (model dtype, model device). A layer called
+            several times in one forward pass is taken at its last call.
+        """
+        self.check_inputs(inputs)
+        named = [self.resolve_layer(layer) for layer in layers]
+        targets = check_targets(targets, inputs.shape[0])
+        captured: dict[int, torch.Tensor] = {}
+
+        def make_hook(i, name):
+            def hook(module, args, out):
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"layer: {name!r} returns {type(out).__name__}, not a tensor; pick a layer "
+                                    f"whose output is one tensor")
+                if not gradients:
+                    captured[i] = out.detach().clone()
+                    return None
+                if not out.requires_grad:  # first captured layer: the graph starts here
+                    torch.set_grad_enabled(True)
+                    out = out.detach().requires_grad_(True)
+                captured[i] = out
+                return out.clone()
+
+            return hook
+
+        with self._session() as hooks:
+            hooks.extend(m.register_forward_hook(make_hook(i, n)) for i, (n, m) in enumerate(named))
+            torch.set_grad_enabled(False)
+            outputs = self.model(inputs)
+            missing = [n for i, (n, _) in enumerate(named) if i not in captured]
+            if missing:
+                raise ValueError(f"layer: {missing[0]!r} did not run during the forward pass of the inputs")
+            acts = [captured[i] for i in range(len(named))]
+            if not gradients:
+                return _detach(outputs), acts, [None] * len(acts)
+            torch.set_grad_enabled(True)
+            scores, _ = target_scores(targets, outputs, inputs.shape[0])
+            if not scores.requires_grad:
+                raise ValueError(f"layer: the target scores do not depend on layer {named[0][0]!r}")
+            grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+            for (name, _), g in zip(named, grads):
+                if g is None:
+                    raise ValueError(f"layer: {name!r} does not influence the target scores (no gradient path "
+                                     f"from the outputs to it); pick a layer the outputs depend on")
+        return _detach(outputs), [a.detach() for a in acts], list(grads)
+
+    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32):
+        """Target scores of the model with masks multiplied into the inputs or into a layer's activations.
+
+        Args:
+            inputs: ``(B, C, *S)``.
+            masks: ``(M, *shape)`` shared by all samples or ``(B, M, *shape)`` per sample, where ``shape``
+                broadcasts against one sample at ``at`` (e.g. ``(1, H, W)`` spatial masks on the input,
+                ``(C, 1, 1)`` channel masks on a layer).
+            at: ``"input"``, or a layer (name or module) whose output is multiplied by the mask.
+            targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
+            batch_size: masked copies run per forward pass; bounds peak memory.
+        Returns: ``(B, M)`` float32 scores, on the inputs' device.
+        """
+        self.check_inputs(inputs)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        b = inputs.shape[0]
+        masks = torch.as_tensor(masks, device=inputs.device).to(inputs.dtype)
+        per_sample = masks.ndim >= 2 and masks.shape[0] == b and masks.ndim == inputs.ndim + 1
+        targets = check_targets(targets, b)
+        layer = None if at == "input" else self.resolve_layer(at)
+        current: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, out):
+            return out * current["mask"]
+
+        with self._session() as hooks, torch.no_grad():
+            if not callable(targets):  # top classes / range check on the unmasked inputs
+                idx = class_indices(targets, self.model(inputs)).tolist()
+            if layer is not None:
+                hooks.append(layer[1].register_forward_hook(hook))
+            rows = []
+            for i in range(b):
+                sample_masks = masks[i] if per_sample else masks
+                x = inputs[i : i + 1]
+                row = []
+                for start in range(0, sample_masks.shape[0], batch_size):
+                    chunk = sample_masks[start : start + batch_size]
+                    if layer is None:
+                        out = self.model(x * chunk)
+                    else:
+                        current["mask"] = chunk
+                        out = self.model(x.expand(chunk.shape[0], *x.shape[1:]))
+                    if callable(targets):
+                        row.append(target_scores(targets, out, chunk.shape[0])[0])
+                    else:
+                        row.append(out[:, idx[i]])
+                rows.append(torch.cat(row))
+        return torch.stack(rows).float()
+
+    def linear_classifier(self, name=None):
+        """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the model's last
+        ``torch.nn.Linear`` module when ``name`` is None."""
+        if name is None:
+            linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+            if not linears:
+                raise ValueError("classifier: the model has no torch.nn.Linear layer; name the classifier with "
+                                 "classifier=... or pass the class weights as cam_weights=(num_classes, C)")
+            name, module = linears[-1]
+        else:
+            name, module = self.resolve_layer(name)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ValueError(f"classifier: {name!r} has no (num_classes, C) weight matrix; "
+                             f"got {type(module).__name__}")
+        bias = getattr(module, "bias", None)
+        return name, weight.detach(), None if bias is None else bias.detach()

@@ -1,0 +1,27 @@
+"""Array-API plumbing shared by the core: namespace look-up and small helpers.
+
+Every core function takes native arrays (NumPy, PyTorch, JAX, array-api-strict, ...) and returns arrays of the
+same namespace on the same device. Nothing here imports a framework.
+"""
+from __future__ import annotations
+
+from array_api_compat import array_namespace, device
+
+__all__ = ["array_namespace", "device", "spatial_axes", "expand_to", "float32"]
+
+
+def spatial_axes(a) -> tuple[int, ...]:
+    """The spatial axes of a channels-first array ``(B, C, *S)``: ``(2, ..., a.ndim - 1)``."""
+    return tuple(range(2, a.ndim))
+
+
+def expand_to(w, ndim: int):
+    """Append singleton axes to ``w`` until it has ``ndim`` dimensions (``(B, C)`` -> ``(B, C, 1, 1)``)."""
+    xp = array_namespace(w)
+    return xp.reshape(w, tuple(w.shape) + (1,) * (ndim - w.ndim))
+
+
+def float32(a):
+    """``a`` as float32 (no copy when it already is)."""
+    xp = array_namespace(a)
+    return a if a.dtype == xp.float32 else xp.astype(a, xp.float32)

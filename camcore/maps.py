@@ -1,0 +1,107 @@
+"""Post-processing of class-activation maps: reduce over channels, rectify, upsample, normalise, fuse.
+
+All functions are pure Array-API code on channels-first arrays with any number of spatial dims ``S``; the result
+has the inputs' namespace and device.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._xp import array_namespace, device, expand_to, spatial_axes
+
+__all__ = ["weigh", "channel_sum", "principal_component", "relu", "normalize", "upsample", "fuse"]
+
+
+def weigh(weights, activations, /):
+    """``w * A`` with ``(B, C)`` weights broadcast over space, or ``(B, C, *S)`` weights taken element-wise.
+    Returns ``(B, C, *S)``; ``weights=None`` means all ones (returns ``A``)."""
+    if weights is None:
+        return activations
+    return expand_to(weights, activations.ndim) * activations
+
+
+def channel_sum(weighted, /):
+    """``sum_k X_k``: ``(B, C, *S) -> (B, *S)``, the combination step of every CAM."""
+    xp = array_namespace(weighted)
+    return xp.sum(weighted, axis=1)
+
+
+def principal_component(weighted, /):
+    """Projection of each position's channel vector on the first principal component (Eigen-CAM, eq. (4)).
+
+    For each sample, ``X`` is read as ``N = prod(S)`` points in ``R^C``, centred over the points, and projected
+    on its first right singular vector ``v_1``: ``p = (X - mean) v_1``, shape ``(B, *S)``. The SVD's sign is
+    arbitrary; it is fixed so that ``p`` correlates non-negatively with the plain channel sum
+    ``sum_k X_k`` (so an Eigen-CAM map is never inverted).
+    """
+    xp = array_namespace(weighted)
+    b, c, *s = weighted.shape
+    n = int(np.prod(s))
+    points = xp.permute_dims(xp.reshape(weighted, (b, c, n)), (0, 2, 1))  # (B, N, C)
+    points = points - xp.mean(points, axis=1, keepdims=True)
+    _, _, vh = xp.linalg.svd(points, full_matrices=False)
+    v1 = vh[:, 0, :]  # (B, C)
+    proj = xp.sum(points * v1[:, None, :], axis=2)  # (B, N), zero-mean over N
+    agreement = xp.sum(proj * xp.sum(points, axis=2), axis=1)  # covariance with the centred channel sum
+    sign = xp.where(agreement < 0, -xp.ones_like(agreement), xp.ones_like(agreement))
+    return xp.reshape(proj * sign[:, None], (b, *s))
+
+
+def relu(cam, /):
+    """``max(cam, 0)``: keep the regions with a positive influence on the target (Grad-CAM eq. (2))."""
+    xp = array_namespace(cam)
+    return xp.maximum(cam, xp.zeros_like(cam))
+
+
+def normalize(cam, /):
+    """Per-sample min-max normalisation of ``(B, *S)`` maps to ``[0, 1]``; a constant map becomes all zeros
+    (never NaN)."""
+    xp = array_namespace(cam)
+    axes = tuple(range(1, cam.ndim))
+    lo = xp.min(cam, axis=axes, keepdims=True)
+    span = xp.max(cam, axis=axes, keepdims=True) - lo
+    ok = span > 0
+    return xp.where(ok, (cam - lo) / xp.where(ok, span, xp.ones_like(span)), xp.zeros_like(cam))
+
+
+def _linear_taps(n_in: int, n_out: int):
+    """Source indices and weights of 1-D linear resampling with half-pixel centres (``align_corners=False``,
+    as OpenCV's ``INTER_LINEAR`` and ``torch.nn.functional.interpolate``), clamped at the borders."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def upsample(cam, size: Sequence[int], /):
+    """Separable linear interpolation of ``(B, *S)`` maps to ``(B, *size)`` for any number of spatial dims
+    (bilinear for images, trilinear for volumes), half-pixel centres. Identity where sizes already match."""
+    xp = array_namespace(cam)
+    size = tuple(int(v) for v in size)
+    if len(size) != cam.ndim - 1:
+        raise ValueError(f"upsample: size must have {cam.ndim - 1} entries for maps of shape "
+                         f"{tuple(cam.shape)}, got {size}")
+    dev = device(cam)
+    for axis, (n_in, n_out) in enumerate(zip(cam.shape[1:], size), start=1):
+        if n_in == n_out:
+            continue
+        i0, i1, t = _linear_taps(n_in, n_out)
+        shape = [1] * cam.ndim
+        shape[axis] = n_out
+        t = xp.reshape(xp.asarray(t, dtype=cam.dtype, device=dev), tuple(shape))
+        lo = xp.take(cam, xp.asarray(i0, device=dev), axis=axis)
+        hi = xp.take(cam, xp.asarray(i1, device=dev), axis=axis)
+        cam = lo + (hi - lo) * t
+    return cam
+
+
+def fuse(cams: Sequence, /):
+    """Fuse maps of several layers (pytorch-grad-cam's ``aggregate_multi_layers``): the per-layer maps must
+    share one shape ``(B, *S)``; each is min-max normalised, then they are averaged. Returns ``(B, *S)``."""
+    if len(cams) == 1:
+        return cams[0]
+    xp = array_namespace(*cams)
+    return xp.mean(xp.stack([normalize(c) for c in cams], axis=0), axis=0)

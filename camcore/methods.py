@@ -1,0 +1,52 @@
+"""The registry of methods that :func:`camcore.explain` accepts, and what each needs from a backend."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import weights as W
+
+__all__ = ["Method", "METHODS", "get_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One CAM method: how to weigh the activations and how to reduce the weighted channels.
+
+    ``weights(A, G, **hyper) -> (B, C) | (B, C, *S) | None`` (``None``: the activations unweighted);
+    ``eigen``: reduce by the first principal component instead of the channel sum;
+    ``needs_grads``: whether the backend must compute ``dy/dA``; ``hyper``: keyword options and defaults.
+    """
+
+    name: str
+    weights: Callable | None
+    needs_grads: bool = True
+    eigen: bool = False
+    hyper: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("cam", None, needs_grads=False),  # weights from the classifier; see camcore.explain
+        Method("gradcam", W.gradcam),
+        Method("gradcam++", W.gradcam_pp, hyper={"eps": 0.0}),
+        Method("xgradcam", W.xgradcam, hyper={"eps": 0.0}),
+        Method("hirescam", W.hirescam),
+        Method("gradcam-elementwise", W.gradcam_elementwise),
+        Method("layercam", W.layercam),
+        Method("eigencam", None, needs_grads=False, eigen=True),
+        Method("eigengradcam", W.eigengradcam, eigen=True),
+    ]
+}
+
+
+def get_method(name) -> Method:
+    """The registered method called ``name`` (case-insensitive); ``ValueError`` listing the close names."""
+    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    if key in METHODS:
+        return METHODS[key]
+    close = difflib.get_close_matches(str(key), METHODS, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"method: unknown method {name!r}; expected one of {', '.join(METHODS)}.{hint}")

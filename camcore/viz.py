@@ -1,0 +1,33 @@
+"""Visualisation: a map laid over its image as a heat-map, written as PNG. Needs ``matplotlib`` (extra ``viz``)."""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["overlay", "save_png"]
+
+
+def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
+    """Blend a ``(H, W)`` map in ``[0, 1]`` over an ``(H, W, 3)`` image in ``[0, 1]`` (or uint8).
+
+    Returns ``(H, W, 3)`` float32 in ``[0, 1]``: ``(1 - alpha) * image + alpha * colormap(cam)``.
+    """
+    from matplotlib import colormaps
+
+    image = np.asarray(image, dtype=np.float32)
+    image = image / 255.0 if image.max() > 1.0 else image
+    cam = np.asarray(cam.tolist() if not isinstance(cam, np.ndarray) and hasattr(cam, "tolist") else cam,
+                     dtype=np.float32)
+    if image.ndim != 3 or image.shape[2] != 3 or cam.shape != image.shape[:2]:
+        raise ValueError(f"overlay: expected image (H, W, 3) and cam (H, W) of the same H, W; got image "
+                         f"{image.shape} and cam {cam.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
+    heat = colormaps[colormap](np.clip(cam, 0.0, 1.0))[..., :3].astype(np.float32)
+    return (1.0 - alpha) * image + alpha * heat
+
+
+def save_png(path, rgb) -> None:
+    """Write an ``(H, W, 3)`` float image in ``[0, 1]`` to ``path`` as PNG."""
+    from matplotlib import image as mpimg
+
+    mpimg.imsave(path, np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0))
