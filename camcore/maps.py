@@ -100,7 +100,8 @@ def upsample(cam, size: Sequence[int], /):
 
 def fuse(cams: Sequence, /):
     """Fuse maps of several layers (pytorch-grad-cam's ``aggregate_multi_layers``): the per-layer maps must
-    share one shape ``(B, *S)``; each is min-max normalised, then they are averaged. Returns ``(B, *S)``."""
+    share one shape ``(B, *S)``; each is min-max normalised (raw scales differ between layers), then they are
+    averaged. Returns ``(B, *S)``; a single map is returned unchanged (not normalised)."""
     if len(cams) == 1:
         return cams[0]
     xp = array_namespace(*cams)

@@ -30,9 +30,14 @@ def check_targets(targets, batch: int):
     if isinstance(targets, numbers.Integral):
         return [int(targets)] * batch
     if hasattr(targets, "shape") and hasattr(targets, "dtype"):  # any array: read it once, on the host
-        targets = np.asarray(targets.tolist() if hasattr(targets, "tolist") else targets)
-        if targets.ndim == 0:
-            return check_targets(int(targets), batch)
+        host = np.asarray(targets.tolist() if hasattr(targets, "tolist") else targets)
+        scalar_int = host.ndim == 0 and np.issubdtype(host.dtype, np.integer) and host.dtype != np.bool_
+        if host.ndim > 1 or (host.ndim == 0 and not scalar_int):
+            raise TypeError(f"targets: expected an integer scalar or a 1-D integer array of class indices, got "
+                            f"an array of dtype {targets.dtype} and shape {tuple(targets.shape)}")
+        if scalar_int:
+            return [int(host)] * batch
+        targets = host
     if isinstance(targets, (Sequence, np.ndarray)) and not isinstance(targets, (str, bytes)):
         items = list(np.asarray(targets).reshape(-1)) if isinstance(targets, np.ndarray) else list(targets)
         bad = [t for t in items if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)]

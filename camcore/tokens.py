@@ -20,6 +20,8 @@ def tokens_to_grid(tokens, /, *, prefix_tokens: int = 1, grid: tuple[int, ...] |
     xp = array_namespace(tokens)
     if tokens.ndim != 3:
         raise ValueError(f"tokens_to_grid: expected token activations (B, N, D), got shape {tuple(tokens.shape)}")
+    if not isinstance(prefix_tokens, int) or prefix_tokens < 0:
+        raise ValueError(f"tokens_to_grid: prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
     b, n, d = tokens.shape
     patches = n - prefix_tokens
     if grid is None:

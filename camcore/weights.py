@@ -67,14 +67,12 @@ def gradcam_pp(activations, grads, /, *, eps: float = 0.0):
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
     sum_a = expand_to(xp.sum(activations, axis=axes), grads.ndim)
-    zero = xp.zeros_like(grads)
     if eps == 0:
         alpha = _safe_div(xp.ones_like(grads), 2 + sum_a * grads, 0.0)
     else:
         g2 = grads * grads
         alpha = _safe_div(g2, 2 * g2 + sum_a * g2 * grads, eps)
-    alpha = xp.where(grads != 0, alpha, zero)
-    return xp.sum(alpha * xp.maximum(grads, zero), axis=axes)
+    return xp.sum(alpha * xp.maximum(grads, xp.zeros_like(grads)), axis=axes)  # relu(G) = 0 where G == 0
 
 
 def xgradcam(activations, grads, /, *, eps: float = 0.0):
