@@ -67,7 +67,8 @@ class TorchAdapter:
 
     def default_layer(self, inputs) -> str:
         """The last module (in execution order) whose output is a feature map: same rank as ``inputs`` and
-        more than one spatial position. Costs one forward pass of the first sample."""
+        more than one spatial position. Costs one forward pass without gradients. A container whose output is
+        its last child's is listed after that child, so e.g. an ``nn.Sequential`` itself can be picked."""
         self.check_inputs(inputs)
         seen: list[str] = []
         names = {m: n for n, m in self.model.named_modules() if n}
@@ -78,7 +79,7 @@ class TorchAdapter:
 
         with self._session() as hooks, torch.no_grad():
             hooks.extend(m.register_forward_hook(hook) for m in names)
-            self.model(inputs[:1])
+            self.model(inputs)
         if not seen:
             raise ValueError("layer: no module of the model outputs a channels-first feature map of the "
                              "inputs' rank; name the layer to explain")
@@ -113,8 +114,8 @@ class TorchAdapter:
         hooks: list = []
         if self.model_mode == "eval":
             model.eval()
-        buffers = ([(b, b.detach().clone()) for b in model.buffers()]
-                   if any(m.training for m in model.modules()) else [])
+        # buffers can change even in eval mode (quantisation observers); they are small, so always restore them
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
         try:
             yield hooks
         finally:
@@ -142,6 +143,9 @@ class TorchAdapter:
             several times in one forward pass is taken at its last call.
         """
         self.check_inputs(inputs)
+        if gradients and torch.is_inference_mode_enabled():
+            raise RuntimeError("explain: gradient methods need autograd, which torch.inference_mode() switches off "
+                               "for good; call camcore outside inference mode (torch.no_grad() is fine)")
         named = [self.resolve_layer(layer) for layer in layers]
         targets = check_targets(targets, inputs.shape[0])
         captured: dict[int, torch.Tensor] = {}
@@ -201,19 +205,30 @@ class TorchAdapter:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         b = inputs.shape[0]
         masks = torch.as_tensor(masks, device=inputs.device).to(inputs.dtype)
-        per_sample = masks.ndim >= 2 and masks.shape[0] == b and masks.ndim == inputs.ndim + 1
         targets = check_targets(targets, b)
         layer = None if at == "input" else self.resolve_layer(at)
         current: dict[str, torch.Tensor] = {}
+        probe: list[torch.Size] = []
 
         def hook(module, args, out):
+            if "mask" not in current:  # the unmasked probe pass: learn the shape at `at`
+                probe.append(out.shape)
+                return None
             return out * current["mask"]
 
         with self._session() as hooks, torch.no_grad():
-            if not callable(targets):  # top classes / range check on the unmasked inputs
-                idx = class_indices(targets, self.model(inputs)).tolist()
             if layer is not None:
                 hooks.append(layer[1].register_forward_hook(hook))
+            plain = self.model(inputs)  # top classes, range check, and the shape at `at`
+            idx = None if callable(targets) else class_indices(targets, plain).tolist()
+            if layer is not None and not probe:
+                raise ValueError(f"at: layer {layer[0]!r} did not run during the forward pass of the inputs")
+            rank = (inputs.ndim if layer is None else len(probe[-1])) - 1  # rank of one sample at `at`
+            if masks.ndim not in (rank + 1, rank + 2) or (masks.ndim == rank + 2 and masks.shape[0] != b):
+                at_shape = tuple(inputs.shape[1:]) if layer is None else tuple(probe[-1][1:])
+                raise ValueError(f"masks: expected (M, *shape) or ({b}, M, *shape) with shape broadcasting "
+                                 f"against one sample {at_shape} at {at!r}; got shape {tuple(masks.shape)}")
+            per_sample = masks.ndim == rank + 2
             rows = []
             for i in range(b):
                 sample_masks = masks[i] if per_sample else masks
