@@ -585,12 +585,11 @@ def test_counterfactual_gradcam(layer):
     close(cams, neg)
 
 
-# ------------------------------------------------------------------------------ found bugs (fail today)
+# ------------------------------------------------------------------------------ regressions (bugs fixed)
 def test_buffers_updated_in_eval_mode_are_restored():
-    """Regression: the adapter promises the model's buffers are the same after every call, but in the
-    default ``model_mode="eval"`` it only saves/restores buffers when some module is in training mode. Modules
-    whose buffers change in eval mode too -- a quantization observer (``torch.ao.quantization.MinMaxObserver``,
-    as in QAT-prepared models) -- are left modified."""
+    """Regression: buffers must be the same after every call, also those that change in eval mode -- a
+    quantization observer (``torch.ao.quantization.MinMaxObserver``, as in QAT-prepared models). The adapter once
+    restored buffers only when some module was in training mode."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), torch.ao.quantization.MinMaxObserver(), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
@@ -600,10 +599,9 @@ def test_buffers_updated_in_eval_mode_are_restored():
 
 
 def test_default_layer_as_is_with_batchnorm1d_head():
-    """Regression: ``layer=None`` finds the default layer with a forward pass of ``inputs[:1]``; with
-    ``model_mode="as-is"`` on a train-mode model with a ``BatchNorm1d`` over (B, F) features that one-sample batch
-    raises "Expected more than 1 value per channel when training", although the same call with the layer named
-    works on the batch of 3."""
+    """Regression: ``layer=None`` once probed with ``inputs[:1]``, which a train-mode ``BatchNorm1d`` refuses
+    ("Expected more than 1 value per channel when training") under ``model_mode="as-is"``; it probes the whole
+    batch now."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -626,8 +624,7 @@ def test_default_layer_as_is_with_batchnorm1d_head():
 
 
 def test_forward_masked_per_sample_masks_at_token_layer():
-    """Regression: per-sample masks are recognised only when ``masks.ndim == inputs.ndim + 1``, i.e. by
-    the rank of the *inputs*, not of the layer ``at``. Per-sample masks ``(B, M, N, 1)`` at a ViT token layer
+    """Regression: per-sample masks were once recognised by the rank of the *inputs*, not of the layer ``at``. Per-sample masks ``(B, M, N, 1)`` at a ViT token layer
     ``(B, N, D)`` (documented: ``(B, M, *shape)`` with ``shape`` broadcasting against one sample at ``at``) are
     taken as B shared masks and the call dies in broadcasting."""
     torch.manual_seed(0)

@@ -332,9 +332,9 @@ def test_forward_masked_batch_size():
 
 # ------------------------------------------------------------------------------ grad modes
 def test_explain_inside_inference_mode():
-    """Regression: under ``torch.inference_mode()`` explain raises "the target scores do not depend on
-    layer" -- false, and a misleading message: ``torch.set_grad_enabled(True)`` cannot leave inference mode. It
-    should either work (as it does under ``torch.no_grad()``) or say that inference mode is the problem."""
+    """Regression: under ``torch.inference_mode()`` explain once raised "the target scores do not depend on
+    layer" (``torch.set_grad_enabled(True)`` cannot leave inference mode). It must either work (as it does under
+    ``torch.no_grad()``) or say that inference mode is the problem."""
     model = small()
     x = images()
     expected = camcore.explain(model, x, method="gradcam", layer="features.5")
