@@ -88,7 +88,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         cams.append(maps.relu(raw))
 
     size = _output_size(adapter.spatial_shape(inputs), cams, upsample)
-    out = maps.fuse([maps.upsample(c, size) for c in cams])
+    out = maps.fuse(cams, size)
     return maps.normalize(out) if normalize else out
 
 

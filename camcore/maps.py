@@ -98,11 +98,13 @@ def upsample(cam, size: Sequence[int], /):
     return cam
 
 
-def fuse(cams: Sequence, /):
-    """Fuse maps of several layers (pytorch-grad-cam's ``aggregate_multi_layers``): the per-layer maps must
-    share one shape ``(B, *S)``; each is min-max normalised (raw scales differ between layers), then they are
-    averaged. Returns ``(B, *S)``; a single map is returned unchanged (not normalised)."""
+def fuse(cams: Sequence, size: Sequence[int] | None = None, /):
+    """Fuse the maps of several layers (pytorch-grad-cam's ``aggregate_multi_layers``): each ``(B, *S_l)`` map is
+    min-max normalised at its own resolution (raw scales differ between layers), upsampled to ``size`` (default:
+    the first map's ``S``), and the maps are averaged. Returns ``(B, *size)``; a single map is only upsampled
+    (not normalised)."""
+    size = tuple(cams[0].shape[1:]) if size is None else tuple(size)
     if len(cams) == 1:
-        return cams[0]
+        return upsample(cams[0], size)
     xp = array_namespace(*cams)
-    return xp.mean(xp.stack([normalize(c) for c in cams], axis=0), axis=0)
+    return xp.mean(xp.stack([upsample(normalize(c), size) for c in cams], axis=0), axis=0)

@@ -309,10 +309,11 @@ def test_fused_layers_match_independent_fusion():
     model = small_net()
     x = images()
     per_layer = []
-    for layer in ["features.2", "features.5"]:
+    for layer in ["features.2", "features.5"]:  # pytorch-grad-cam's order: normalise at the layer's size, resize
         _, a, g = capture_act_grad(model, layer, x, class_score([3, 7, 1]))
-        per_layer.append(reference_gradcam(a, g, (16, 16), normalize=False))
-    expected = minmax(torch.stack([minmax(c) for c in per_layer]).mean(0))
+        cam = reference_gradcam(a, g, a.shape[2:], normalize=True)
+        per_layer.append(F.interpolate(cam[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0])
+    expected = minmax(torch.stack(per_layer).mean(0))
     cams = camcore.explain(model, x, method="gradcam", layer=["features.2", "features.5"], targets=[3, 7, 1])
     close(cams, expected)
 
