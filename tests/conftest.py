@@ -1,6 +1,11 @@
 """Shared fixtures: the real pretrained model and real photos (loaded once per session)."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # helper modules (model_checks.py) import under any import mode
 
 
 @pytest.fixture(scope="session")

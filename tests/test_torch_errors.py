@@ -10,6 +10,7 @@ from torch import nn
 
 import camcore
 from camcore.backends.pytorch import TorchAdapter
+from model_checks import assert_no_hooks, assert_untouched, snapshot
 
 
 class SmallNet(nn.Module):
@@ -75,26 +76,8 @@ def images(b=3, h=16, w=16):
     return torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(1))
 
 
-def snapshot(model):
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "training": [(n, m.training) for n, m in model.named_modules()],
-        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
-        "grad_mode": torch.is_grad_enabled(),
-    }
 
 
-def assert_untouched(model, snap):
-    state = model.state_dict()
-    for k, v in snap["state"].items():
-        assert torch.equal(state[k], v), f"{k} changed"
-    assert [(n, m.training) for n, m in model.named_modules()] == snap["training"]
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == snap["requires_grad"]
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.is_grad_enabled() == snap["grad_mode"]
-    for name, m in model.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            assert not getattr(m, attr), f"{attr} left on {name or 'the model'}"
 
 
 # ------------------------------------------------------------------------------ 2. a model that raises
