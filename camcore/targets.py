@@ -39,7 +39,7 @@ def check_targets(targets, batch: int):
             return [int(host)] * batch
         targets = host
     if isinstance(targets, (Sequence, np.ndarray)) and not isinstance(targets, (str, bytes)):
-        items = list(np.asarray(targets).reshape(-1)) if isinstance(targets, np.ndarray) else list(targets)
+        items = list(targets)  # arrays reaching here are 1-D (checked above)
         bad = [t for t in items if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)]
         if bad:
             raise TypeError(f"targets: expected one int class index per sample, got {bad[0]!r} "
