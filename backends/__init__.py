@@ -6,23 +6,47 @@ Every adapter exposes the same contract (see ``docs/adapters.md``):
 - ``forward_masked(inputs, masks, *, at="input", targets=None, batch_size=32) -> scores (B, M)``
 
 A framework module is looked up in ``sys.modules`` only: camcore never imports a framework the user did not.
+Adapters hand the core channels-first arrays ``(B, C, *S)`` and transpose channels-last models at their edge.
 """
 from __future__ import annotations
 
 import difflib
 import sys
 
-__all__ = ["adapter_for", "unknown_layer"]
+__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "MODEL_KINDS"]
+
+MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
+               "or a (features, head) pair of JAX functions")
+DATA_FORMATS = ("channels_last", "channels_first")
 
 
 def adapter_for(model, **options):
-    """The adapter for ``model``, picked by its type (a ``torch.nn.Module`` -> PyTorch adapter)."""
+    """The adapter for ``model``, picked by its type; ``options`` (``model_mode``, ``data_format``) go to it."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
         from .pytorch import TorchAdapter
 
         return TorchAdapter(model, **options)
-    raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.layers.Layer):
+        from .keras import KerasAdapter
+
+        return KerasAdapter(model, **options)
+    if "jax" in sys.modules:
+        from . import jax as jax_backend
+
+        if jax_backend.accepts(model):
+            return jax_backend.JaxAdapter(model, **options)
+    raise TypeError(f"model: expected {MODEL_KINDS}; got {type(model).__module__}.{type(model).__name__}")
+
+
+def check_data_format(data_format, default: str) -> bool:
+    """``True`` when the layout is channels-last: ``data_format`` if given, else ``default``."""
+    if data_format is None:
+        data_format = default
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format: expected one of {DATA_FORMATS} or None, got {data_format!r}")
+    return data_format == "channels_last"
 
 
 def unknown_layer(layer, names) -> ValueError:
@@ -34,3 +58,14 @@ def unknown_layer(layer, names) -> ValueError:
         close = [n for n in names if n.rsplit(".", 1)[-1] == tail][:5] or names[-5:]
     return ValueError(f"layer: no layer named {layer!r} in the model; closest real names: "
                       f"{', '.join(map(repr, close))}")
+
+
+def check_masks(mask_shape, batch: int, at_shape, at) -> bool:
+    """Check ``forward_masked``'s masks against the channels-first shape ``at_shape`` (``(B, C, *S)``) of the
+    tensor they multiply; ``True`` when they are per sample ``(B, M, *shape)``, ``False`` when shared."""
+    rank = len(at_shape) - 1  # rank of one sample at `at`
+    mask_shape = tuple(mask_shape)
+    if len(mask_shape) not in (rank + 1, rank + 2) or (len(mask_shape) == rank + 2 and mask_shape[0] != batch):
+        raise ValueError(f"masks: expected (M, *shape) or ({batch}, M, *shape) with shape broadcasting against "
+                         f"one sample {tuple(at_shape[1:])} at {at!r}; got shape {mask_shape}")
+    return len(mask_shape) == rank + 2

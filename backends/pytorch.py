@@ -14,7 +14,7 @@ import torch
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import unknown_layer
+from . import check_data_format, check_masks, unknown_layer
 
 __all__ = ["TorchAdapter"]
 
@@ -39,15 +39,29 @@ class TorchAdapter:
             after every call, also when the model raises).
         model_mode: ``"eval"`` (default) runs the call in inference mode (dropout off, batch-norm statistics
             frozen); ``"as-is"`` keeps each module's own ``training`` flag (buffers are restored afterwards).
+        data_format: ``None`` or ``"channels_first"``: PyTorch models are channels-first.
     """
 
     channels_last = False
 
-    def __init__(self, model: torch.nn.Module, *, model_mode: str = "eval"):
+    def __init__(self, model: torch.nn.Module, *, model_mode: str = "eval", data_format: str | None = None):
         if model_mode not in _MODES:
             raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
+        if check_data_format(data_format, "channels_first"):
+            raise ValueError("data_format: PyTorch models are channels-first (B, C, *spatial); got "
+                             "'channels_last'; permute the inputs and leave data_format=None")
         self.model = model
         self.model_mode = model_mode
+
+    @staticmethod
+    def concrete(a) -> bool:
+        """Whether ``a`` holds values (always, in eager PyTorch)."""
+        return True
+
+    @staticmethod
+    def to_native(maps, inputs):
+        """The core's result is already a tensor beside the inputs."""
+        return maps
 
     # ----------------------------------------------------------------------------------------- layers
     def resolve_layer(self, layer) -> tuple[str, torch.nn.Module]:
@@ -223,12 +237,7 @@ class TorchAdapter:
             idx = None if callable(targets) else class_indices(targets, plain).tolist()
             if layer is not None and not probe:
                 raise ValueError(f"at: layer {layer[0]!r} did not run during the forward pass of the inputs")
-            rank = (inputs.ndim if layer is None else len(probe[-1])) - 1  # rank of one sample at `at`
-            if masks.ndim not in (rank + 1, rank + 2) or (masks.ndim == rank + 2 and masks.shape[0] != b):
-                at_shape = tuple(inputs.shape[1:]) if layer is None else tuple(probe[-1][1:])
-                raise ValueError(f"masks: expected (M, *shape) or ({b}, M, *shape) with shape broadcasting "
-                                 f"against one sample {at_shape} at {at!r}; got shape {tuple(masks.shape)}")
-            per_sample = masks.ndim == rank + 2
+            per_sample = check_masks(masks.shape, b, inputs.shape if layer is None else probe[-1], at)
             rows = []
             for i in range(b):
                 sample_masks = masks[i] if per_sample else masks

@@ -12,7 +12,7 @@ from .weights import cam as cam_weights_for
 __all__ = ["explain"]
 
 _COMMON = {"counterfactual": False, "eigen_smooth": False, "reshape": None, "model_mode": "eval",
-           "classifier": None, "cam_weights": None}
+           "data_format": None, "classifier": None, "cam_weights": None}
 
 
 def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: bool = True,
@@ -20,8 +20,11 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     """Class-activation maps of ``model`` for ``inputs``.
 
     Args:
-        model: a ``torch.nn.Module`` (more frameworks come as backends).
-        inputs: ``(B, C, *S)`` float array of the model's framework, on its device (S: 1, 2 or 3 spatial dims).
+        model: a ``torch.nn.Module``, a Keras 3 model (TensorFlow backend), a Flax linen ``(module, variables)``
+            pair, a Flax nnx module, or a ``(features, head)`` pair of JAX functions; see ``docs/adapters.md``.
+        inputs: a float batch in the model's own layout: ``(B, C, *S)`` for PyTorch, ``(B, *S, C)`` for
+            channels-last Keras and JAX models (S: 1, 2 or 3 spatial dims); an array of the model's framework
+            (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
             ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"`` or ``"eigengradcam"``.
         layer: the framework's name of the layer (``"layer4.1"``), the layer object, or a list of them (fused,
@@ -36,12 +39,14 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             lower the score. ``eigen_smooth`` (False): reduce the weighted channels by their first principal
             component instead of their sum. ``reshape``: a callable applied to activations and gradients
             before the formulas, e.g. :func:`camcore.tokens_to_grid` for vision transformers.
-            ``model_mode`` ("eval"): or "as-is" to keep the modules' training flags. For ``"cam"``:
+            ``model_mode`` ("eval"): or "as-is" to keep the modules' training flags. ``data_format``:
+            ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model). For ``"cam"``:
             ``classifier`` (name of the linear layer after global pooling; default: found automatically) or
             ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for ``"gradcam++"``
             and ``"xgradcam"``.
     Returns:
-        float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images).
+        float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
+        model's channel layout.
     """
     from camcore.backends import adapter_for  # import here: camcore itself imports no framework
 
@@ -59,7 +64,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     if spec.name != "cam" and (opts["classifier"] is not None or opts["cam_weights"] is not None):
         raise TypeError(f"explain: 'classifier' and 'cam_weights' apply to method='cam' only, not {spec.name!r}")
 
-    adapter = adapter_for(model, model_mode=opts["model_mode"])
+    adapter = adapter_for(model, model_mode=opts["model_mode"], data_format=opts["data_format"])
     adapter.check_inputs(inputs)
     targets = check_targets(targets, inputs.shape[0])
     layers = list(layer) if isinstance(layer, (list, tuple)) else [adapter.default_layer(inputs) if layer is None
@@ -74,7 +79,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     for name, a, g in zip(names, acts, grads):
         a = float32(reshape(a) if reshape else a)
         g = None if g is None else float32(reshape(g) if reshape else g)
-        _check_layer_arrays(name, a, g)
+        if adapter.concrete(a):  # values exist (not a jit trace): check them
+            _check_layer_arrays(name, a, g)
         if opts["counterfactual"] and g is not None:
             g = -g
         if spec.name == "cam":
@@ -89,7 +95,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
 
     size = _output_size(adapter.spatial_shape(inputs), cams, upsample)
     out = maps.fuse(cams, size)
-    return maps.normalize(out) if normalize else out
+    return adapter.to_native(maps.normalize(out) if normalize else out, inputs)
 
 
 def _check_layer_arrays(name, a, g):
@@ -121,7 +127,7 @@ def _cam_weights(adapter, name, a, outputs, targets, opts):
         raise ValueError("targets: method='cam' explains a class: pass class indices (an int or one per sample), "
                          "or None with a model that returns (B, num_classes) logits")
     idx = (class_indices(targets, float32(logits)) if logits is not None
-           else xp.asarray(targets, dtype=xp.int64))
+           else xp.asarray(targets))
     if opts["cam_weights"] is not None:
         wm = xp.asarray(opts["cam_weights"])
         if wm.ndim != 2 or wm.shape[1] != c:
@@ -136,7 +142,7 @@ def _cam_weights(adapter, name, a, outputs, targets, opts):
     if wm.shape[1] != c:
         raise ValueError(f"layer: method='cam' needs the feature map the classifier {cname!r} reads after global "
                          f"pooling; {name!r} has {c} channels but {cname!r} expects {wm.shape[1]}")
-    if logits is not None:  # CAM's premise: logits == classifier(GAP(A)); verify it numerically
+    if logits is not None and adapter.concrete(a):  # CAM's premise: logits == classifier(GAP(A)); verify it numerically
         pred = xp.matmul(xp.mean(a, axis=spatial_axes(a)), xp.matrix_transpose(wm))
         pred = pred if bias is None else pred + float32(bias)
         ref = float32(logits)

@@ -53,7 +53,8 @@ def check_targets(targets, batch: int):
 
 
 def class_indices(targets, outputs):
-    """Class index per sample as a ``(B,)`` int64 array beside ``outputs`` (``(B, K)`` logits): the top class
+    """Class index per sample as a ``(B,)`` integer array (the namespace's default integer dtype: int64, or int32
+    in JAX without x64) beside ``outputs`` (``(B, K)`` logits): the top class
     for ``targets=None``, else the checked list. Raises ``ValueError`` for an index outside ``[0, K)``."""
     xp = array_namespace(outputs)
     if outputs.ndim != 2:
@@ -61,13 +62,17 @@ def class_indices(targets, outputs):
                          f"returned shape {tuple(outputs.shape)}; pass a callable targets=f(outputs) -> (B,) "
                          f"scores instead")
     if targets is None:
-        return xp.astype(xp.argmax(outputs, axis=1), xp.int64)
+        return xp.astype(xp.argmax(outputs, axis=1), _default_int(xp))
     k = outputs.shape[1]
     bad = [t for t in targets if not 0 <= t < k]
     if bad:
         raise ValueError(f"targets: class index {bad[0]} is out of range for a model with {k} outputs "
                          f"(expected 0 <= index < {k}); got {targets!r}")
-    return xp.asarray(targets, dtype=xp.int64, device=device(outputs))
+    return xp.asarray(targets, dtype=_default_int(xp), device=device(outputs))
+
+
+def _default_int(xp):
+    return xp.asarray(0).dtype
 
 
 def target_scores(targets, outputs, batch: int):
