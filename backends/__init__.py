@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import sys
 
-__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "MODEL_KINDS"]
+__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "MODEL_KINDS"]
 
 MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
                "or a (features, head) pair of JAX functions")
@@ -68,4 +68,14 @@ def check_masks(mask_shape, batch: int, at_shape, at) -> bool:
     if len(mask_shape) not in (rank + 1, rank + 2) or (len(mask_shape) == rank + 2 and mask_shape[0] != batch):
         raise ValueError(f"masks: expected (M, *shape) or ({batch}, M, *shape) with shape broadcasting against "
                          f"one sample {tuple(at_shape[1:])} at {at!r}; got shape {mask_shape}")
-    return len(mask_shape) == rank + 2
+    per_sample = len(mask_shape) == rank + 2
+    shape, sample = mask_shape[2 if per_sample else 1:], tuple(at_shape[1:])
+    if any(m not in (1, s) for m, s in zip(shape, sample)):
+        raise ValueError(f"masks: shape {shape} of each mask does not broadcast against one sample {sample} at "
+                         f"{at!r} (each size must be 1 or equal); got masks of shape {mask_shape}")
+    return per_sample
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import check_data_format, check_masks, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, unknown_layer
 
 __all__ = ["KerasAdapter"]
 
@@ -44,12 +44,12 @@ def _walk(layer, prefix=""):
 
 
 def _model_format(model) -> str:
-    """The data format of the model's first layer that declares one, else Keras' global default."""
-    for _, layer in _walk(model):
-        fmt = getattr(layer, "data_format", None)
-        if fmt in ("channels_last", "channels_first"):
-            return fmt
-    return keras.config.image_data_format()
+    """The data format of the model's first convolution (else of any layer that declares one; else Keras'
+    global default). Pooling and flattening layers carry the global default, so convolutions come first."""
+    declared = [(hasattr(layer, "kernel_size"), getattr(layer, "data_format", None)) for _, layer in _walk(model)]
+    formats = [fmt for conv, fmt in sorted(declared, key=lambda d: not d[0])
+               if fmt in ("channels_last", "channels_first")]
+    return formats[0] if formats else keras.config.image_data_format()
 
 
 def _numpy(tree):
@@ -122,7 +122,9 @@ class KerasAdapter:
         if same:
             raise ValueError(f"layer: {layer!r} names several layers in nested models; pick one by its path: "
                              f"{', '.join(repr(p) for p, _ in same)}")
-        raise unknown_layer(layer, [p for p, _ in layers] + [obj.name for p, obj in layers if "/" in p])
+        bare = [obj.name for p, obj in layers if "/" in p]  # nested layers, suggested by name where unambiguous
+        paths = [p for p, _ in layers]
+        raise unknown_layer(layer, paths + [n for n in dict.fromkeys(bare) if bare.count(n) == 1 and n not in paths])
 
     def default_layer(self, inputs) -> str:
         """The last layer (in the order calls finish, so a nested model comes after its own layers) whose
@@ -140,7 +142,7 @@ class KerasAdapter:
 
             return recording
 
-        with self._session(), _intercepted([obj for _, obj in layers], wrap):
+        with self._session(x), _intercepted([obj for _, obj in layers], wrap):
             self._call(x)
         if not seen:
             raise ValueError("layer: no layer of the model outputs a feature map of the inputs' rank; name the "
@@ -152,8 +154,8 @@ class KerasAdapter:
         if not (tf.is_tensor(inputs) or isinstance(inputs, np.ndarray)):
             raise TypeError(f"inputs: expected a tf.Tensor or a NumPy array for a Keras model, "
                             f"got {type(inputs).__name__}")
-        if not np.issubdtype(np.dtype(inputs.dtype.as_numpy_dtype if tf.is_tensor(inputs) else inputs.dtype),
-                             np.floating):
+        if not (inputs.dtype.is_floating if tf.is_tensor(inputs)
+                else np.issubdtype(inputs.dtype, np.floating) or inputs.dtype.name == "bfloat16"):
             raise TypeError(f"inputs: expected a floating-point array, got dtype {inputs.dtype}")
         layout = "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
         if len(inputs.shape) < 2 or inputs.shape[0] == 0:
@@ -174,14 +176,11 @@ class KerasAdapter:
             raise RuntimeError("explain: call camcore eagerly, not inside a tf.function")
         return tf.convert_to_tensor(inputs)
 
-    def _channels_first(self, a):
-        """NumPy ``(B, C, *S)`` from the layer's native layout."""
+    def _channels_first(self, a, rank):
+        """NumPy ``(B, C, *S)`` from the layer's native layout. Only outputs of the inputs' ``rank`` are feature
+        maps; others (a transformer's ``(B, N, D)`` tokens) stay as they are, as in PyTorch."""
         a = a.numpy()
-        return np.moveaxis(a, -1, 1) if self.channels_last and a.ndim >= 3 else a
-
-    def _channels_native(self, masks, axis):
-        """Move the channel axis of channels-first masks (at ``axis``) to where the model keeps it."""
-        return np.moveaxis(masks, axis, -1) if self.channels_last and masks.ndim - axis >= 2 else masks
+        return np.moveaxis(a, -1, 1) if self.channels_last and a.ndim == rank else a
 
     @staticmethod
     def concrete(a) -> bool:
@@ -195,8 +194,11 @@ class KerasAdapter:
 
     # ------------------------------------------------------------------------------------ the session
     @contextlib.contextmanager
-    def _session(self):
-        """Put the model's non-trainable variables (batch-norm statistics, seed states) back afterwards."""
+    def _session(self, x):
+        """Put the model's non-trainable variables (batch-norm statistics, seed states) back afterwards. An
+        unbuilt model is first built symbolically, so its variables exist (at their initial values) to save."""
+        if not self.model.built:
+            self.model(keras.KerasTensor((None, *x.shape[1:]), dtype=x.dtype.name))
         saved = [(v, v.numpy()) for v in self.model.non_trainable_variables]
         try:
             yield
@@ -248,22 +250,23 @@ class KerasAdapter:
 
             return capturing
 
-        with self._session(), _intercepted([obj for _, obj in named], wrap), tape:
+        with self._session(x), _intercepted([obj for _, obj in named], wrap), tape:
             outputs = self._call(x)
             missing = [n for i, (n, _) in enumerate(named) if i not in captured]
             if missing:
                 raise ValueError(f"layer: {missing[0]!r} did not run during the forward pass of the inputs")
             total = tf.reduce_sum(self._scores(targets, outputs, x.shape[0])) if gradients else None
         acts = [captured[i] for i in range(len(named))]
+        rank = x.shape.rank
         if not gradients:
-            return _numpy(outputs), [self._channels_first(a) for a in acts], [None] * len(acts)
+            return _numpy(outputs), [self._channels_first(a, rank) for a in acts], [None] * len(acts)
         grads = tape.gradient(total, acts)
         for (name, _), g in zip(named, grads):
             if g is None:
                 raise ValueError(f"layer: {name!r} does not influence the target scores (no gradient path from "
                                  f"the outputs to it); pick a layer the outputs depend on")
-        return (_numpy(outputs), [self._channels_first(a) for a in acts],
-                [self._channels_first(tf.convert_to_tensor(g)) for g in grads])
+        return (_numpy(outputs), [self._channels_first(a, rank) for a in acts],
+                [self._channels_first(tf.convert_to_tensor(g), rank) for g in grads])
 
     def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32):
         """Target scores with masks multiplied into the inputs or into a layer's activations.
@@ -279,6 +282,7 @@ class KerasAdapter:
         Returns: ``(B, M)`` float32 NumPy scores.
         """
         x = self._tensor(inputs)
+        check_batch_size(batch_size)
         b = x.shape[0]
         masks = np.asarray(masks)
         targets = check_targets(targets, b)
@@ -297,15 +301,16 @@ class KerasAdapter:
             return masking
 
         layers = [] if named is None else [named[1]]
-        with self._session(), _intercepted(layers, wrap):
+        with self._session(x), _intercepted(layers, wrap):
             plain = self._call(x)
-            idx = None if callable(targets) else class_indices(targets, _numpy(plain))
+            idx = None if callable(targets) else target_scores(targets, _numpy(plain), b)[1]
             if named is not None and not probe:
                 raise ValueError(f"at: layer {named[0]!r} did not run during the forward pass of the inputs")
             at_shape = tuple(x.shape) if named is None else probe[-1]
-            at_shape = (at_shape[0], at_shape[-1], *at_shape[1:-1]) if self.channels_last else at_shape
+            feature_map = self.channels_last and len(at_shape) == x.shape.rank
+            at_shape = (at_shape[0], at_shape[-1], *at_shape[1:-1]) if feature_map else at_shape
             per_sample = check_masks(masks.shape, b, at_shape, at)
-            masks = self._channels_native(masks, 2 if per_sample else 1)
+            masks = np.moveaxis(masks, 2 if per_sample else 1, -1) if feature_map else masks
             rows = []
             for i in range(b):
                 sample_masks = masks[i] if per_sample else masks

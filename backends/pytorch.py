@@ -14,7 +14,7 @@ import torch
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import check_data_format, check_masks, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, unknown_layer
 
 __all__ = ["TorchAdapter"]
 
@@ -215,8 +215,7 @@ class TorchAdapter:
         Returns: ``(B, M)`` float32 scores, on the inputs' device.
         """
         self.check_inputs(inputs)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        check_batch_size(batch_size)
         b = inputs.shape[0]
         masks = torch.as_tensor(masks, device=inputs.device).to(inputs.dtype)
         targets = check_targets(targets, b)

@@ -26,84 +26,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 
 import numpy as np
+from memprobe import MMAP_ENV as _MMAP_ENV
+from memprobe import _settle, _status_kib, clear_refs_works, cpu_peak_increase_mib, measure, run_child
 import torch
 
 LAYER = "_conv_head"
-_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
-_LIBC = None
 
 
 # ------------------------------------------------------------------------------------------ memory probes
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    return _LIBC
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _settle():
-    gc.collect()
-    libc = _libc()
-    if libc:
-        libc.malloc_trim(0)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def clear_refs_works() -> bool:
-    """Touch 256 MiB, free it, reset the peak: VmHWM must drop back near VmRSS."""
-    if not _reset_peak():
-        return False
-    _settle()
-    block = np.ones(256 * 2**18, dtype=np.float32)  # 256 MiB, touched
-    high = _status_kib("VmHWM")
-    del block
-    _settle()
-    if not _reset_peak():
-        return False
-    after, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
-    return high - rss > 200 * 1024 and after - rss < 16 * 1024
-
-
-def cpu_peak_increase_mib(fn) -> tuple[float, float]:
-    """(peak RSS during ``fn`` minus RSS before, RSS still held after it returned minus RSS before), MiB."""
-    _settle()
-    before = _status_kib("VmRSS")
-    _reset_peak()
-    fn()
-    peak = _status_kib("VmHWM") - before
-    _settle()
-    return peak / 1024, (_status_kib("VmRSS") - before) / 1024
-
-
 def gpu_peak_increase_mib(fn) -> tuple[float, float]:
     gc.collect()
     torch.cuda.synchronize()
@@ -160,30 +96,6 @@ def make_runners(model, x):
     return {"camcore": (run_camcore, after_camcore), "pgc": (run_pgc, after_pgc)}, results
 
 
-def measure(runners, repeats: int, probe, *, timing: bool = True):
-    """Alternating order; returns {lib: [seconds]}, {lib: [peak MiB]}, {lib: [MiB still held after the call]}."""
-    times = {k: [] for k in runners}
-    mems = {k: [] for k in runners}
-    held = {k: [] for k in runners}
-    order = list(runners)
-    for i in range(repeats if timing else 0):  # timing passes
-        for lib in order if i % 2 == 0 else order[::-1]:
-            run, after = runners[lib]
-            t0 = time.perf_counter()
-            run()
-            times[lib].append(time.perf_counter() - t0)
-            after()
-    if probe is not None:
-        for i in range(repeats):  # memory passes (the probes' own overhead stays out of the timings)
-            for lib in order if i % 2 == 0 else order[::-1]:
-                run, after = runners[lib]
-                peak, kept = probe(run)
-                mems[lib].append(peak)
-                held[lib].append(kept)
-                after()
-    return times, mems, held
-
-
 # ------------------------------------------------------------- CPU memory: a child process, fixed mmap threshold
 def _memory_child(batch: int, repeats: int, warmup: int) -> None:
     """Both libraries in this one process, alternating; prints JSON {mems, held, method}."""
@@ -211,10 +123,7 @@ def _fresh_child(lib: str, batch: int) -> None:
 
 
 def _run_child(args: list[str]) -> dict:
-    env = {**os.environ, _MMAP_ENV: "131072"}
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], check=True, capture_output=True,
-                         text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child(__file__, args)
 
 
 def cpu_memory(batch: int, repeats: int, warmup: int, runners=None):
@@ -223,8 +132,8 @@ def cpu_memory(batch: int, repeats: int, warmup: int, runners=None):
         if not clear_refs_works():
             raise SystemExit("--malloc-default: /proc/self/clear_refs cannot reset VmHWM here")
         _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
-        return mems, held, (f"in this process, glibc's default dynamic mmap threshold (depends on what ran "
-                            f"before); VmHWM reset via /proc/self/clear_refs, minus VmRSS before each run")
+        return mems, held, ("in this process, glibc's default dynamic mmap threshold (depends on what ran "
+                            "before); VmHWM reset via /proc/self/clear_refs, minus VmRSS before each run")
     res = _run_child(["--_memory", "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)])
     if res["method"] == "clear_refs":
         return res["mems"], res["held"], (

@@ -27,8 +27,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
             ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"`` or ``"eigengradcam"``.
-        layer: the framework's name of the layer (``"layer4.1"``), the layer object, or a list of them (fused,
-            from one forward pass); ``None`` picks the last layer that outputs a feature map.
+        layer: the framework's name of the layer (``"layer4.1"``, ``"Block_3/Conv_0"``), the layer object, or a
+            list of them (fused, from one forward pass); ``None`` picks the last layer that outputs a feature map.
         targets: ``None`` (top class per sample), an int, a list of one int per sample, or a callable
             ``f(outputs) -> (B,)`` scores.
         normalize: min-max normalise each map to ``[0, 1]`` (a constant map becomes zeros).
@@ -67,8 +67,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     adapter = adapter_for(model, model_mode=opts["model_mode"], data_format=opts["data_format"])
     adapter.check_inputs(inputs)
     targets = check_targets(targets, inputs.shape[0])
-    layers = list(layer) if isinstance(layer, (list, tuple)) else [adapter.default_layer(inputs) if layer is None
-                                                                   else layer]
+    # only a list means several layers: a tuple can be one layer's path (Flax)
+    layers = list(layer) if isinstance(layer, list) else [adapter.default_layer(inputs) if layer is None else layer]
     if not layers:
         raise ValueError("layer: expected a layer or a non-empty list of layers, got an empty list")
     names = [adapter.resolve_layer(lay)[0] for lay in layers]
@@ -133,7 +133,7 @@ def _cam_weights(adapter, name, a, outputs, targets, opts):
         if wm.ndim != 2 or wm.shape[1] != c:
             raise ValueError(f"cam_weights: expected a (num_classes, {c}) matrix for layer {name!r} with {c} "
                              f"channels, got shape {tuple(wm.shape)}")
-        if int(xp.max(idx)) >= wm.shape[0]:
+        if adapter.concrete(idx) and int(xp.max(idx)) >= wm.shape[0]:
             raise ValueError(f"targets: class index {int(xp.max(idx))} is out of range for cam_weights with "
                              f"{wm.shape[0]} rows")
         return cam_weights_for(float32(wm), idx)

@@ -5,6 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:  # torchvision must load before tensorflow: the reverse order segfaults (torchvision 0.29, tensorflow 2.21)
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules (model_checks.py) import under any import mode
 
 

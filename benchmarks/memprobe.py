@@ -1,0 +1,112 @@
+"""CPU memory probes and the alternating-order measuring loop shared by the benchmarks.
+
+Peak memory of a run is the increase of the process's peak RSS (``VmHWM``, reset by writing ``5`` to
+``/proc/self/clear_refs``) over the RSS just before it. Child processes run with a fixed glibc mmap threshold
+(``MMAP_ENV``) so that RSS follows live memory whatever ran before; see ``bench_gradcam_torch.py``.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _settle():
+    gc.collect()
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def clear_refs_works() -> bool:
+    """Touch 256 MiB, free it, reset the peak: VmHWM must drop back near VmRSS."""
+    if not _reset_peak():
+        return False
+    _settle()
+    block = np.ones(256 * 2**18, dtype=np.float32)  # 256 MiB, touched
+    high = _status_kib("VmHWM")
+    del block
+    _settle()
+    if not _reset_peak():
+        return False
+    after, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return high - rss > 200 * 1024 and after - rss < 16 * 1024
+
+
+def cpu_peak_increase_mib(fn) -> tuple[float, float]:
+    """(peak RSS during ``fn`` minus RSS before, RSS still held after it returned minus RSS before), MiB."""
+    _settle()
+    before = _status_kib("VmRSS")
+    _reset_peak()
+    fn()
+    peak = _status_kib("VmHWM") - before
+    _settle()
+    return peak / 1024, (_status_kib("VmRSS") - before) / 1024
+
+
+def measure(runners, repeats: int, probe, *, timing: bool = True):
+    """Alternating order; returns {lib: [seconds]}, {lib: [peak MiB]}, {lib: [MiB still held after the call]}."""
+    times = {k: [] for k in runners}
+    mems = {k: [] for k in runners}
+    held = {k: [] for k in runners}
+    order = list(runners)
+    for i in range(repeats if timing else 0):  # timing passes
+        for lib in order if i % 2 == 0 else order[::-1]:
+            run, after = runners[lib]
+            t0 = time.perf_counter()
+            run()
+            times[lib].append(time.perf_counter() - t0)
+            after()
+    if probe is not None:
+        for i in range(repeats):  # memory passes (the probes' own overhead stays out of the timings)
+            for lib in order if i % 2 == 0 else order[::-1]:
+                run, after = runners[lib]
+                peak, kept = probe(run)
+                mems[lib].append(peak)
+                held[lib].append(kept)
+                after()
+    return times, mems, held
+
+
+def run_child(script: str, args: list[str]) -> dict:
+    """Run ``script`` with ``args`` in a child process with a fixed mmap threshold; its last stdout line as JSON."""
+    env = {**os.environ, MMAP_ENV: "131072"}
+    out = subprocess.run([sys.executable, os.path.abspath(script), *args], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])

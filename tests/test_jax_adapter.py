@@ -1,0 +1,744 @@
+"""The JAX adapter (Flax linen, Flax nnx, (features, head) function pairs) and ``camcore.explain`` on it.
+
+Every reference here is computed independently of camcore and of Flax's module machinery: the networks are
+written out by hand with ``jax.lax``/``jnp`` from the same weights, gradients come from ``jax.grad`` of the
+hand-written tail, Grad-CAM from a NumPy formula, masked scores from plain loops of ``module.apply``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import camcore
+from camcore.backends import adapter_for
+from camcore.backends.jax import JaxAdapter, accepts
+
+jax.config.update("jax_enable_x64", False)
+
+# camcore must not ask JAX for int64 (which it truncates to int32 with a warning) when x64 is off
+pytestmark = pytest.mark.filterwarnings("error:Explicitly requested dtype int64:UserWarning")
+
+ALL_METHODS = list(camcore.METHODS)
+B, H, W, K = 2, 16, 16, 5
+FORWARDS: list[bool] = []  # one entry per concrete (non-traced) run of a test model's top-level __call__
+
+
+# ----------------------------------------------------------------------------------------------- models
+_NP = [np.random.default_rng(0)]
+
+
+def reseed(seed):
+    """Fix the weights of the next model built, whatever tests ran before."""
+    _NP[0] = np.random.default_rng(seed)
+
+
+def np_init(key, shape, dtype=jnp.float32):
+    """Weights from NumPy (XLA compiles jax.random's samplers anew for every shape: seconds each on CPU)."""
+    fan_in = int(np.prod(shape[:-1]))
+    return jnp.asarray(_NP[0].normal(size=shape) / np.sqrt(fan_in), dtype)
+
+
+def np_bias(key, shape, dtype=jnp.float32):
+    return jnp.asarray(_NP[0].uniform(-0.1, 0.1, size=shape), dtype)
+
+
+INIT = {"kernel_init": np_init, "bias_init": np_bias}
+class Block(nn.Module):
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", **INIT)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.relu(x)
+
+
+class LinenNet(nn.Module):
+    """Block_0 (conv-bn-relu), Block_1 (stride 2), dropout on the map, global average pooling, Dense_0."""
+
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):  # train=True by default: eval mode must pass train=False
+        FORWARDS.append(isinstance(x, jax.core.Tracer))
+        x = Block(8)(x, train)
+        x = Block(12, strides=2)(x, train)
+        x = nn.Dropout(self.rate, deterministic=not train)(x)
+        return nn.Dense(K, **INIT)(jnp.mean(x, axis=(1, 2)))
+
+
+class LinenTwice(nn.Module):
+    """A module called twice (shared weights): the adapter takes its last call."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), **INIT)(x)
+        shared = nn.Conv(4, (3, 3), name="shared", **INIT)
+        x = jnp.tanh(shared(nn.relu(shared(x))))
+        return nn.Dense(K, **INIT)(jnp.mean(x, axis=(1, 2)))
+
+
+class LinenOdd(nn.Module):
+    """A layer that returns a tuple, and a layer that runs only in training mode."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), **INIT)(x)
+        if train:
+            x = nn.Conv(4, (1, 1), name="train_only", **INIT)(x)
+        carry, x = Pair2()(x)
+        return nn.Dense(K, **INIT)(jnp.mean(x + carry, axis=(1, 2)))
+
+
+class Pair2(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x * 2, nn.Conv(4, (1, 1), **INIT)(x)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, cin, cout, strides, rngs):
+        self.conv = nnx.Conv(cin, cout, (3, 3), strides=strides, padding="SAME", rngs=rngs, **INIT)
+        self.bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.conv(x)))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs, rate=0.5):
+        self.unused = nnx.Linear(3, 3, rngs=rngs, **INIT)  # never called; sorts after 'fc' alphabetically
+        self.blocks = nnx.List([NnxBlock(3, 8, 1, rngs), NnxBlock(8, 12, 2, rngs)])
+        self.drop = nnx.Dropout(rate, rngs=rngs)
+        self.fc = nnx.Linear(12, K, rngs=rngs, **INIT)
+
+    def __call__(self, x):
+        FORWARDS.append(isinstance(x, jax.core.Tracer))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(jnp.mean(self.drop(x), axis=(1, 2)))
+
+
+class NnxTwice(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs, **INIT)
+        self.shared = nnx.Conv(4, 4, (3, 3), rngs=rngs, **INIT)
+        self.fc = nnx.Linear(4, K, rngs=rngs, **INIT)
+
+    def __call__(self, x):
+        x = jnp.tanh(self.shared(nnx.relu(self.shared(self.conv(x)))))
+        return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+def _randomize_bn(seed, shape):
+    """Non-trivial batch-norm statistics and affine parameters, so using or changing them would show."""
+    rng = np.random.default_rng(seed)
+    u = lambda lo, hi: jnp.asarray(rng.uniform(lo, hi, size=shape), jnp.float32)
+    return dict(mean=u(-0.2, 0.2), var=u(0.5, 1.5), scale=u(0.5, 1.5), bias=u(-0.1, 0.3))
+
+
+def make_linen():
+    module = LinenNet()
+    x = jnp.zeros((1, H, W, 3))
+    reseed(0)
+    v = module.init(jax.random.key(0), x, train=False)
+    params = jax.tree.map(lambda a: a, v["params"])  # fresh dicts
+    stats = jax.tree.map(lambda a: a, v["batch_stats"])
+    for i, key in enumerate(["Block_0", "Block_1"]):
+        r = _randomize_bn(10 + i, stats[key]["BatchNorm_0"]["mean"].shape)
+        stats[key]["BatchNorm_0"] = {"mean": r["mean"], "var": r["var"]}
+        params[key]["BatchNorm_0"] = {"scale": r["scale"], "bias": r["bias"]}
+    return module, {"params": params, "batch_stats": stats}
+
+
+def make_nnx(rate=0.5):
+    reseed(1)
+    model = NnxNet(nnx.Rngs(0, dropout=1), rate=rate)
+    for i, block in enumerate(model.blocks):
+        r = _randomize_bn(20 + i, block.bn.mean.shape)
+        for name in ("mean", "var", "scale", "bias"):
+            getattr(block.bn, name)[...] = r[name]
+    return model  # flags as constructed: deterministic=False, use_running_average=False (train mode)
+
+
+def images(b=B, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(b, H, W, 3)), jnp.float32)
+
+
+# ---------------------------------------------------------------- the hand-written reference network
+def conv(x, kernel, bias, stride=1):
+    y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if bias is None else y + bias
+
+
+def nnx_weights(m):
+    blocks = [{"kernel": b.conv.kernel[...], "bias": b.conv.bias[...], "scale": b.bn.scale[...],
+               "bn_bias": b.bn.bias[...], "mean": b.bn.mean[...], "var": b.bn.var[...]} for b in m.blocks]
+    return {"blocks": blocks, "fc": (m.fc.kernel[...], m.fc.bias[...])}
+
+
+def stages(P):
+    """The network as (point, function) stages; both Flax models compute exactly this in inference mode."""
+    b0, b1 = P["blocks"]
+
+    def bn(h, b):
+        return (h - b["mean"]) / jnp.sqrt(b["var"] + 1e-5) * b["scale"] + b["bn_bias"]
+
+    def head(a):
+        kernel, bias = P["fc"]
+        return jnp.mean(a, axis=(1, 2)) @ kernel + bias
+
+    return [("conv0", lambda h: conv(h, b0["kernel"], b0["bias"])), ("block0", lambda h: jax.nn.relu(bn(h, b0))),
+            ("conv1", lambda h: conv(h, b1["kernel"], b1["bias"], 2)), ("block1", lambda h: jax.nn.relu(bn(h, b1))),
+            ("logits", head)]
+
+
+def split(P, point):
+    """``(prefix, tail)``: the network cut after ``point``."""
+    st = stages(P)
+    i = [n for n, _ in st].index(point) + 1
+
+    def run(fs, h):
+        for _, f in fs:
+            h = f(h)
+        return h
+
+    return (lambda x: run(st[:i], x)), (lambda a: run(st[i:], a))
+
+
+def ref_act_grad(P, point, x, score):
+    """Independent reference: the activations after ``point`` and ``d(sum_b score_b)/dA`` by ``jax.grad``,
+    channels-first."""
+    prefix, tail = split(P, point)
+    a = prefix(x)
+    g = jax.grad(lambda a: jnp.sum(score(tail(a))))(a)
+    return np.moveaxis(np.asarray(a), -1, 1), np.moveaxis(np.asarray(g), -1, 1)
+
+
+def class_score(t):
+    return lambda out: out[jnp.arange(out.shape[0]), jnp.asarray(t)]
+
+
+def np_gradcam(a, g, normalize=True):
+    """Grad-CAM in NumPy: relu(sum_c mean_s(G) * A), then per-sample min-max."""
+    a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
+    cam = np.maximum((g.mean(axis=(2, 3))[:, :, None, None] * a).sum(1), 0)
+    if not normalize:
+        return cam
+    lo = cam.min(axis=(1, 2), keepdims=True)
+    span = cam.max(axis=(1, 2), keepdims=True) - lo
+    return np.where(span > 0, (cam - lo) / np.where(span > 0, span, 1), 0)
+
+
+def close(actual, expected, rtol=1e-4, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+LINEN_LAYERS = {"conv0": "Block_0/Conv_0", "block0": "Block_0", "conv1": "Block_1/Conv_0", "block1": "Block_1"}
+NNX_LAYERS = {"conv0": "blocks/0/conv", "block0": "blocks/0", "conv1": "blocks/1/conv", "block1": "blocks/1"}
+
+
+@pytest.fixture(scope="module")
+def linen():
+    return make_linen()
+
+
+@pytest.fixture(scope="module")
+def linen_P(linen):
+    _, v = linen
+    p, s = v["params"], v["batch_stats"]
+    blocks = [{"kernel": p[b]["Conv_0"]["kernel"], "bias": p[b]["Conv_0"]["bias"],
+               "scale": p[b]["BatchNorm_0"]["scale"], "bn_bias": p[b]["BatchNorm_0"]["bias"],
+               "mean": s[b]["BatchNorm_0"]["mean"], "var": s[b]["BatchNorm_0"]["var"]} for b in ("Block_0", "Block_1")]
+    return {"blocks": blocks, "fc": (p["Dense_0"]["kernel"], p["Dense_0"]["bias"])}
+
+
+@pytest.fixture(scope="module")
+def nnx_model():
+    return make_nnx()
+
+
+@pytest.fixture(scope="module")
+def pair(linen_P):
+    prefix, tail = split(linen_P, "block1")
+    return prefix, tail
+
+
+@pytest.fixture(scope="module")
+def x():
+    return images()
+
+
+@pytest.fixture(scope="module")
+def all_kinds(linen, nnx_model, pair, linen_P):
+    P_nnx = nnx_weights(nnx_model)
+    return {"linen": (linen, LINEN_LAYERS, linen_P), "nnx": (nnx_model, NNX_LAYERS, P_nnx),
+            "pair": (pair, {"block1": "features"}, linen_P)}
+
+
+def test_reference_network_matches_the_flax_models(linen, linen_P, nnx_model, x):
+    """The hand-written network is the models' inference-mode forward pass (so it can serve as a reference)."""
+    module, v = linen
+    full = split(linen_P, "logits")[0]
+    close(module.apply(v, x, train=False), full(x))
+    P = nnx_weights(nnx_model)
+    close(nnx.view(nnx_model, deterministic=True, use_running_average=True)(x), split(P, "logits")[0](x))
+
+
+# ------------------------------------------------------------------------------ accepts / adapter_for
+def test_accepts_each_kind_and_rejects_others(linen, nnx_model, pair):
+    module, v = linen
+    assert accepts((module, v)) and accepts(nnx_model) and accepts(pair) and accepts(list(pair))
+    for bad in [(1, 2), (module, 3), (pair[0],), (pair[0], pair[1], pair[1]), v, "model", (v, pair[0])]:
+        assert not accepts(bad), bad
+    assert isinstance(adapter_for((module, v)), JaxAdapter)
+    assert isinstance(adapter_for(nnx_model), JaxAdapter)
+    with pytest.raises(TypeError, match=r"model: expected .*Flax linen \(module, variables\) pair.*got builtins.tuple"):
+        camcore.explain((1, 2), images(), method="gradcam")
+
+
+def test_function_pair_needs_no_flax():
+    """A plain-JAX user without Flax: explaining a function pair imports no flax module."""
+    code = textwrap.dedent("""
+        import json, sys
+        import jax, jax.numpy as jnp, numpy as np
+        import camcore
+        rng = np.random.default_rng(0)
+        w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+        feats = lambda x: jax.nn.relu(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        head = lambda a: jnp.mean(a, axis=(1, 2)) @ jnp.ones((4, 3))
+        m = camcore.explain((feats, head), jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32),
+                            method="gradcam")
+        print(json.dumps({"shape": list(m.shape), "flax": sorted(k for k in sys.modules if k.split('.')[0] == 'flax')}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"shape": [2, 8, 8], "flax": []}
+
+
+# ------------------------------------------------------------------------- gradients vs jax.grad
+@pytest.mark.parametrize("kind", ["linen", "nnx", "pair"])
+def test_activations_and_grads_match_jax_grad(all_kinds, kind, x):
+    model, names, P = all_kinds[kind]
+    ad = adapter_for(model)
+    t = [3, 1]
+    for point, layer in names.items():
+        a, g = ref_act_grad(P, point, x, class_score(t))
+        outputs, acts, grads = ad.activations_and_grads(x, [layer], t)
+        assert isinstance(acts[0], jax.Array) and isinstance(grads[0], jax.Array)
+        assert acts[0].shape == a.shape and grads[0].shape == g.shape  # channels-first (B, C, h, w)
+        close(acts[0], a)
+        close(grads[0], g)
+        close(outputs, split(P, "logits")[0](x))
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_targets_none_int_list_callable(all_kinds, kind, x):
+    model, names, P = all_kinds[kind]
+    ad = adapter_for(model)
+    layer = names["conv1"]
+    logits = split(P, "logits")[0](x)
+    top = np.asarray(jnp.argmax(logits, axis=1)).tolist()
+
+    def target(out):
+        return out[:, 2] - 0.5 * out[:, 0]
+
+    cases = [(None, class_score(top)), (4, class_score([4, 4])), ([0, 2], class_score([0, 2])), (target, target)]
+    for targets, score in cases:
+        a, g = ref_act_grad(P, "conv1", x, score)
+        _, acts, grads = ad.activations_and_grads(x, [layer], targets)
+        close(acts[0], a)
+        close(grads[0], g)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx", "pair"])
+def test_gradcam_matches_numpy_oracle(all_kinds, kind, x):
+    model, names, P = all_kinds[kind]
+    point = "block1"
+    a, g = ref_act_grad(P, point, x, class_score([3, 1]))
+    raw = camcore.explain(model, x, method="gradcam", layer=names[point], targets=[3, 1], normalize=False,
+                          upsample=False)
+    close(raw, np_gradcam(a, g, normalize=False), atol=1e-5)
+    cams = camcore.explain(model, x, method="gradcam", layer=names[point], targets=[3, 1], upsample=False)
+    close(cams, np_gradcam(a, g), atol=1e-5)
+    full = camcore.explain(model, x, method="gradcam", layer=names[point], targets=[3, 1])
+    assert isinstance(full, jax.Array) and full.shape == (B, H, W) and full.dtype == jnp.float32
+    # bilinear upsampling with half-pixel centres, as jax.image.resize does it
+    ref = np.asarray(jax.image.resize(jnp.asarray(np_gradcam(a, g, normalize=False), jnp.float32), (B, H, W),
+                                      "linear"))
+    span = np.ptp(ref, axis=(1, 2), keepdims=True)
+    ref = np.where(span > 0, (ref - ref.min((1, 2), keepdims=True)) / np.where(span > 0, span, 1), 0)
+    close(full, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_gradcam_equals_cam_on_gap_dense_head(all_kinds, kind, x):
+    model, names, _ = all_kinds[kind]
+    cam = camcore.explain(model, x, method="cam", layer=names["block1"], targets=[3, 1])
+    grad = camcore.explain(model, x, method="gradcam", layer=names["block1"], targets=[3, 1])
+    close(cam, grad, atol=1e-5)
+    ad = adapter_for(model)
+    for _ in range(2):  # before any trace (variables / definition order), then from the trace (call order)
+        name, wm, bias = ad.linear_classifier()
+        assert name == {"linen": "Dense_0", "nnx": "fc"}[kind] and wm.shape == (K, 12) and bias.shape == (K,)
+        ad.default_layer(x)
+    fc = model[1]["params"]["Dense_0"]["kernel"] if kind == "linen" else model.fc.kernel[...]
+    close(wm, np.asarray(fc).T, atol=0)
+
+
+def test_cam_on_function_pair_needs_cam_weights(pair, linen_P, x):
+    with pytest.raises(ValueError, match=r"classifier: a \(features, head\) pair .* cam_weights="):
+        camcore.explain(pair, x, method="cam", targets=[3, 1])
+    cam = camcore.explain(pair, x, method="cam", targets=[3, 1], cam_weights=linen_P["fc"][0].T)
+    close(cam, camcore.explain(pair, x, method="gradcam", targets=[3, 1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx", "pair"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_on_every_kind(all_kinds, kind, method, linen_P, x):
+    model, names, _ = all_kinds[kind]
+    extra = {"cam_weights": linen_P["fc"][0].T} if method == "cam" and kind == "pair" else {}
+    cams = camcore.explain(model, x, method=method, layer=names["block1"], **extra)
+    assert isinstance(cams, jax.Array) and cams.shape == (B, H, W) and cams.dtype == jnp.float32
+    c = np.asarray(cams)
+    assert np.isfinite(c).all() and c.min() >= 0 and c.max() <= 1 and c.max() == pytest.approx(1.0)
+
+
+def test_default_layer_is_the_last_feature_map(linen, nnx_model, pair, x):
+    assert JaxAdapter(linen).default_layer(x) == "Dropout_0"  # the map that global pooling reads
+    assert JaxAdapter(nnx_model).default_layer(x) == "drop"
+    assert JaxAdapter(pair).default_layer(x) == "features"
+    close(camcore.explain(linen, x, method="gradcam"), camcore.explain(linen, x, method="gradcam", layer="Block_1"))
+    names = JaxAdapter(linen).layer_names(x)
+    assert names[:3] == ["Block_0/Conv_0", "Block_0/BatchNorm_0", "Block_0"] and "Dropout_0" in names
+
+
+# ------------------------------------------------------------------------ one pass, several layers
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_multi_layer_one_concrete_forward(all_kinds, kind, x):
+    model, names, P = all_kinds[kind]
+    layers = [names["block1"], names["conv0"], names["block0"]]
+    FORWARDS.clear()
+    _, acts, grads = adapter_for(model).activations_and_grads(x, layers, [3, 1])
+    assert FORWARDS.count(False) == 1  # one concrete forward pass (the others are abstract traces)
+    for point, a_, g_ in zip(["block1", "conv0", "block0"], acts, grads):
+        a, g = ref_act_grad(P, point, x, class_score([3, 1]))
+        close(a_, a)
+        close(g_, g)
+    FORWARDS.clear()
+    fused = camcore.explain(model, x, method="gradcam", layer=layers, targets=[3, 1])
+    assert FORWARDS.count(False) == 1 and fused.shape == (B, H, W)
+
+
+def test_layer_called_twice_is_taken_at_its_last_call(x):
+    module = LinenTwice()
+    reseed(3)
+    v = module.init(jax.random.key(3), x)
+    p = v["params"]
+    c0 = lambda h: conv(h, p["Conv_0"]["kernel"], p["Conv_0"]["bias"])
+    sh = lambda h: conv(h, p["shared"]["kernel"], p["shared"]["bias"])
+    head = lambda a: jnp.mean(jnp.tanh(a), axis=(1, 2)) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    a = sh(jax.nn.relu(sh(c0(x))))  # the second call's output
+    g = jax.grad(lambda a: jnp.sum(class_score([0, 4])(head(a))))(a)
+    _, acts, grads = JaxAdapter((module, v)).activations_and_grads(x, ["shared"], [0, 4])
+    close(acts[0], np.moveaxis(np.asarray(a), -1, 1))
+    close(grads[0], np.moveaxis(np.asarray(g), -1, 1))
+
+    reseed(4)
+    m = NnxTwice(nnx.Rngs(4))
+    c0 = lambda h: conv(h, m.conv.kernel[...], m.conv.bias[...])
+    sh = lambda h: conv(h, m.shared.kernel[...], m.shared.bias[...])
+    head = lambda a: jnp.mean(jnp.tanh(a), axis=(1, 2)) @ m.fc.kernel[...] + m.fc.bias[...]
+    a = sh(jax.nn.relu(sh(c0(x))))
+    g = jax.grad(lambda a: jnp.sum(class_score([0, 4])(head(a))))(a)
+    _, acts, grads = JaxAdapter(m).activations_and_grads(x, ["shared"], [0, 4])
+    close(acts[0], np.moveaxis(np.asarray(a), -1, 1))
+    close(grads[0], np.moveaxis(np.asarray(g), -1, 1))
+    # masking the shared layer multiplies its last call only
+    mask = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 4, 1, 1)), jnp.float32)
+    got = JaxAdapter(m).forward_masked(x, mask, at="shared", targets=[0, 4])
+    for i, t in enumerate([0, 4]):
+        for j in range(3):
+            close(got[i, j], head(a[i : i + 1] * mask[j, :, 0, 0])[0, t])
+
+
+# --------------------------------------------------------------------------------- forward_masked
+def _masked_reference(apply, x, masks_cl, targets, per_sample=False, layer_fn=None):
+    """Plain loops: one forward per sample and mask."""
+    rows = []
+    for i in range(x.shape[0]):
+        ms = masks_cl[i] if per_sample else masks_cl
+        row = []
+        for j in range(ms.shape[0]):
+            if layer_fn is None:
+                out = apply(x[i : i + 1] * ms[j])
+            else:
+                out = layer_fn(x[i : i + 1], ms[j])
+            row.append(out[0, targets[i]] if not callable(targets) else targets(out)[0])
+        rows.append(row)
+    return np.asarray(rows)
+
+
+def test_forward_masked_input_and_layer_masks_linen(linen, linen_P, x):
+    module, v = linen
+    ad = JaxAdapter((module, v))
+    apply = lambda z: module.apply(v, z, train=False)
+    rng = np.random.default_rng(0)
+    top = np.asarray(jnp.argmax(apply(x), axis=1)).tolist()
+
+    masks = jnp.asarray(rng.uniform(size=(4, 1, H, W)), jnp.float32)  # channels-first spatial masks
+    ref = _masked_reference(apply, x, np.moveaxis(np.asarray(masks), 1, -1), top)
+    for bs in (1, 2, 32):
+        got = ad.forward_masked(x, masks, batch_size=bs)
+        assert got.shape == (B, 4) and got.dtype == jnp.float32
+        close(got, ref)
+
+    per = jnp.asarray(rng.uniform(size=(B, 2, 1, H, W)), jnp.float32)  # per-sample masks, explicit targets
+    ref = _masked_reference(apply, x, np.moveaxis(np.asarray(per), 2, -1), [2, 4], per_sample=True)
+    close(ad.forward_masked(x, per, targets=[2, 4], batch_size=2), ref)
+
+    chan = jnp.asarray(rng.uniform(size=(4, 12, 1, 1)) > 0.5, jnp.float32)  # channel masks at Block_1
+    prefix, tail = split(linen_P, "block1")
+    layer_fn = lambda xi, m: tail(prefix(xi) * m)
+    ref = _masked_reference(None, x, np.moveaxis(np.asarray(chan), 1, -1), top, layer_fn=layer_fn)
+    close(ad.forward_masked(x, chan, at="Block_1", batch_size=1), ref)
+    close(ad.forward_masked(x, chan, at="Block_1", batch_size=64), ref)
+
+    target = lambda out: out[:, 1] * 2.0
+    ref = _masked_reference(None, x, np.moveaxis(np.asarray(chan), 1, -1), target, layer_fn=layer_fn)
+    close(ad.forward_masked(x, chan, at="Block_1", targets=target, batch_size=2), ref)
+
+
+@pytest.mark.parametrize("kind", ["nnx", "pair"])
+def test_forward_masked_nnx_and_pair(all_kinds, kind, x):
+    model, names, P = all_kinds[kind]
+    ad = adapter_for(model)
+    full = split(P, "logits")[0]
+    rng = np.random.default_rng(1)
+    top = np.asarray(jnp.argmax(full(x), axis=1)).tolist()
+    masks = jnp.asarray(rng.uniform(size=(3, 1, H, W)), jnp.float32)
+    ref = _masked_reference(full, x, np.moveaxis(np.asarray(masks), 1, -1), top)
+    close(ad.forward_masked(x, masks, batch_size=2), ref)
+    chan = jnp.asarray(rng.uniform(size=(B, 3, 12, 1, 1)), jnp.float32)  # per-sample channel masks
+    prefix, tail = split(P, "block1")
+    ref = _masked_reference(None, x, np.moveaxis(np.asarray(chan), 2, -1), [0, 3], per_sample=True,
+                            layer_fn=lambda xi, m: tail(prefix(xi) * m))
+    close(ad.forward_masked(x, chan, at=names["block1"], targets=[0, 3]), ref)
+
+
+def test_forward_masked_errors(linen, x):
+    ad = JaxAdapter(linen)
+    with pytest.raises(ValueError, match=r"masks: expected \(M, \*shape\) or \(2, M, \*shape\) .* \(3, 16, 16\)"):
+        ad.forward_masked(x, jnp.ones((2, 16, 16)))
+    with pytest.raises(ValueError, match=r"masks: .*\(12, 8, 8\) \(channels-first\) at 'Block_1'"):
+        ad.forward_masked(x, jnp.ones((3, 2, 12, 1, 1)), at="Block_1")
+    with pytest.raises(ValueError, match=r"batch_size: expected a positive int, got 0"):
+        ad.forward_masked(x, jnp.ones((2, 1, 16, 16)), batch_size=0)
+    with pytest.raises(ValueError, match=r"no layer named 'Block_9'.*'Block_0'"):
+        ad.forward_masked(x, jnp.ones((2, 12, 1, 1)), at="Block_9")
+
+
+# ----------------------------------------------------------------------------------------- jit
+def test_jit_linen_equals_eager(linen, x):
+    module, v = linen
+    for method, layer in [("gradcam++", ["Block_0", "Block_1/Conv_0"]), ("cam", None)]:
+        f = jax.jit(lambda v, x: camcore.explain((module, v), x, method=method, layer=layer))
+        close(f(v, x), camcore.explain((module, v), x, method=method, layer=layer), atol=1e-5, rtol=0)
+    masks = jnp.asarray(np.random.default_rng(2).uniform(size=(3, 12, 1, 1)), jnp.float32)
+    fm = jax.jit(lambda v, x: JaxAdapter((module, v)).forward_masked(x, masks, at="Block_1", batch_size=2))
+    close(fm(v, x), JaxAdapter((module, v)).forward_masked(x, masks, at="Block_1"), atol=1e-5, rtol=0)
+
+
+def test_jit_nnx_equals_eager(nnx_model, x):
+    eager = camcore.explain(nnx_model, x, method="gradcam", layer="blocks/1/conv", targets=[3, 1])
+    graphdef, state = nnx.split(nnx_model)
+    f = jax.jit(lambda s, x: camcore.explain(nnx.merge(graphdef, s), x, method="gradcam", layer="blocks/1/conv",
+                                             targets=[3, 1]))
+    close(f(state, x), eager, atol=1e-5, rtol=0)
+    g = nnx.jit(lambda m, x: camcore.explain(m, x, method="gradcam", layer="blocks/1/conv", targets=[3, 1]))
+    close(g(nnx_model, x), eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["layercam", "eigengradcam"])
+def test_jit_pair_equals_eager(pair, x, method):
+    f = jax.jit(lambda x: camcore.explain(pair, x, method=method))
+    close(f(x), camcore.explain(pair, x, method=method), atol=1e-5, rtol=0)
+
+
+def test_concrete_and_numpy_inputs(linen, x):
+    assert JaxAdapter.concrete(x) and JaxAdapter.concrete(np.ones(2))
+    seen = []
+    jax.jit(lambda z: seen.append(JaxAdapter.concrete(z)) or z)(x)
+    assert seen == [False]
+    out = camcore.explain(linen, np.asarray(x), method="gradcam", layer="Block_1")
+    assert isinstance(out, jax.Array)  # maps are a jax.Array also for NumPy inputs
+    close(out, camcore.explain(linen, x, method="gradcam", layer="Block_1"), atol=1e-6)
+
+
+def test_channels_first_function_pair(pair, x):
+    prefix, tail = pair
+    cf = (lambda z: jnp.moveaxis(prefix(jnp.moveaxis(z, 1, -1)), -1, 1),
+          lambda a: tail(jnp.moveaxis(a, 1, -1)))
+    xcf = jnp.moveaxis(x, -1, 1)
+    for method in ["gradcam", "hirescam", "eigencam"]:
+        close(camcore.explain(cf, xcf, method=method, data_format="channels_first"),
+              camcore.explain(pair, x, method=method), atol=1e-5)
+    masks = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 12, 1, 1)), jnp.float32)
+    close(JaxAdapter(cf, data_format="channels_first").forward_masked(xcf, masks, at="features"),
+          JaxAdapter(pair).forward_masked(x, masks, at="features"))
+
+
+# --------------------------------------------------------------------------- the model is untouched
+def _host(a):
+    return np.array(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+
+
+def _tree_snapshot(tree):
+    return jax.tree_util.tree_structure(tree), [_host(a) for a in jax.tree.leaves(tree)]
+
+
+def _assert_same(tree, snap):
+    struct, leaves = snap
+    assert jax.tree_util.tree_structure(tree) == struct
+    for a, b in zip(jax.tree.leaves(tree), leaves):
+        np.testing.assert_array_equal(_host(a), b)
+
+
+def _nnx_snapshot(model):
+    flags = [(p, type(m).__name__, getattr(m, "deterministic", None), getattr(m, "use_running_average", None))
+             for p, m in nnx.iter_modules(model)]
+    return flags, _tree_snapshot(nnx.state(model))
+
+
+def _boom(out):
+    raise RuntimeError("boom")
+
+
+def test_linen_variables_untouched(x):
+    module, v = make_linen()
+    snap = _tree_snapshot(v)
+    ids = [id(a) for a in jax.tree.leaves(v)]
+    ad = JaxAdapter((module, v))
+    camcore.explain((module, v), x, method="gradcam", layer=["Block_0", "Block_1"])
+    ad.forward_masked(x, jnp.ones((2, 8, 1, 1)), at="Block_0")
+    with pytest.raises(RuntimeError, match="boom"):
+        camcore.explain((module, v), x, method="gradcam", layer="Block_1", targets=_boom)
+    _assert_same(v, snap)
+    assert [id(a) for a in jax.tree.leaves(v)] == ids
+
+
+def test_linen_as_is_uses_batch_statistics_and_leaves_variables(x):
+    module, v = make_linen()
+    module = module.clone(rate=0.0)  # dropout off, so train mode is deterministic without an RNG
+    snap = _tree_snapshot(v)
+    _, acts, _ = JaxAdapter((module, v), model_mode="as-is").activations_and_grads(x, ["Block_1"], [3, 1])
+    _, state = module.apply(v, x, mutable=["batch_stats"])  # train=True: batch statistics
+    expected = module.apply(v, x, mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=lambda mdl, name: mdl.path == ("Block_1",))[1]
+    a = expected["intermediates"]["Block_1"]["__call__"][0]
+    close(acts[0], np.moveaxis(np.asarray(a), -1, 1))
+    _, eval_acts, _ = JaxAdapter((module, v)).activations_and_grads(x, ["Block_1"], [3, 1])
+    assert not np.allclose(np.asarray(acts[0]), np.asarray(eval_acts[0]), atol=1e-3)
+    _assert_same(v, snap)
+
+
+@pytest.mark.parametrize("mode", ["eval", "as-is"])
+def test_nnx_state_and_flags_untouched(mode, x):
+    model = make_nnx()
+    model.blocks[1].bn.use_running_average = True  # mixed flags must survive as they are
+    snap = _nnx_snapshot(model)
+    ad = JaxAdapter(model, model_mode=mode)
+    out = camcore.explain(model, x, method="gradcam", layer=["blocks/0", "blocks/1/conv"], model_mode=mode)
+    assert np.isfinite(np.asarray(out)).all()
+    ad.forward_masked(x, jnp.ones((2, 1, H, W)))
+    ad.forward_masked(x, jnp.ones((2, 8, 1, 1)), at="blocks/0/conv")
+    ad.default_layer(x)
+    with pytest.raises(RuntimeError, match="boom"):
+        ad.activations_and_grads(x, ["blocks/1"], _boom)
+    flags, state = _nnx_snapshot(model)
+    assert flags == snap[0]
+    _assert_same(nnx.state(model), snap[1])
+    assert type(model.blocks[1]) is NnxBlock and type(model.blocks[0].conv) is nnx.Conv  # no wrapper left
+
+
+def test_nnx_eval_mode_really_is_inference(x):
+    model = make_nnx()
+    P = nnx_weights(model)
+    a, _ = ref_act_grad(P, "block1", x, class_score([0, 0]))
+    _, acts, _ = JaxAdapter(model).activations_and_grads(x, ["blocks/1"], [0, 0])
+    close(acts[0], a)  # running statistics, although the module itself is in train mode
+    assert model.blocks[0].bn.use_running_average is False and model.drop.deterministic is False
+
+
+# ------------------------------------------------------------------------------------- layer naming
+def test_nnx_layer_spellings(nnx_model, x):
+    ad = JaxAdapter(nnx_model)
+    for spelling in ["blocks/1/conv", "blocks.1.conv", ("blocks", 1, "conv"), ["blocks", 1, "conv"],
+                     nnx_model.blocks[1].conv]:
+        assert ad.resolve_layer(spelling)[0] == "blocks/1/conv"
+    assert "blocks/0/bn" in ad.layer_names() and "fc" in ad.layer_names()
+    linen = make_linen()
+    assert JaxAdapter(linen).resolve_layer(("Block_1", "Conv_0")) == ("Block_1/Conv_0", ("Block_1", "Conv_0"))
+    # explain reads a bare tuple as several layers: a tuple path goes inside a list
+    for model, path, name in [(linen, ("Block_1", "Conv_0"), "Block_1/Conv_0"),
+                              (nnx_model, ("blocks", 1, "conv"), "blocks/1/conv")]:
+        close(camcore.explain(model, x, method="gradcam", layer=[path]),
+              camcore.explain(model, x, method="gradcam", layer=name), atol=0)
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_errors(linen, nnx_model, pair, x):
+    with pytest.raises(ValueError, match=r"layer: no layer named 'Block_1/Conv_1'.*closest real names: "
+                                         r"'Block_1/Conv_0'"):
+        camcore.explain(linen, x, method="gradcam", layer="Block_1/Conv_1")
+    with pytest.raises(ValueError, match=r"layer: no layer named 'blocks/1/conf'.*'blocks/1/conv'"):
+        camcore.explain(nnx_model, x, method="gradcam", layer="blocks/1/conf")
+    with pytest.raises(ValueError, match=r"data_format: expected one of \('channels_last', 'channels_first'\) "
+                                         r"or None, got 'NHWC'"):
+        camcore.explain(linen, x, method="gradcam", data_format="NHWC")
+    with pytest.raises(ValueError, match=r"model_mode: expected one of \('eval', 'as-is'\), got 'train'"):
+        camcore.explain(nnx_model, x, method="gradcam", model_mode="train")
+    with pytest.raises(TypeError, match=r"inputs: expected a jax.Array or a NumPy array \(B, \*spatial, C\) .*"
+                                        r"got list"):
+        camcore.explain(linen, x.tolist(), method="gradcam")
+    with pytest.raises(TypeError, match=r"inputs: expected a floating-point array .*got dtype int32"):
+        camcore.explain(linen, jnp.ones((2, 16, 16, 3), jnp.int32), method="gradcam")
+    with pytest.raises(ValueError, match=r"inputs: expected a non-empty batch .*got shape \(0, 16, 16, 3\)"):
+        camcore.explain(pair, jnp.ones((0, 16, 16, 3)), method="gradcam")
+    with pytest.raises(ValueError, match=r"layer: a \(features, head\) pair of functions has one layer, "
+                                         r"'features'.*got 'Conv_0'"):
+        camcore.explain(pair, x, method="gradcam", layer="Conv_0")
+    with pytest.raises(TypeError, match=r"layer: expected an nnx attribute path"):
+        camcore.explain(nnx_model, x, method="gradcam", layer=3.0)
+    with pytest.raises(ValueError, match=r"layer: 'unused' did not run"):
+        camcore.explain(nnx_model, x, method="gradcam", layer="unused")
+
+
+def test_errors_tuple_output_and_train_only_layer(x):
+    module = LinenOdd()
+    reseed(5)
+    v = module.init(jax.random.key(5), x, train=True)
+    with pytest.raises(TypeError, match=r"layer: 'Pair2_0' returns tuple, not an array"):
+        camcore.explain((module, v), x, method="gradcam", layer="Pair2_0")
+    with pytest.raises(ValueError, match=r"layer: 'train_only' did not run during the forward pass"):
+        camcore.explain((module, v), x, method="gradcam", layer="train_only")
+    assert camcore.explain((module, v), x, method="gradcam", layer="Pair2_0/Conv_0").shape == (B, H, W)
+
+
+def test_zero_gradient_is_reported(pair, x):
+    """A head that ignores the features: explain's check names the layer and the samples."""
+    with pytest.raises(ValueError, match=r"zero gradient w.r.t. 'features' for sample\(s\) \[0, 1\]"):
+        camcore.explain((pair[0], lambda a: jnp.zeros((a.shape[0], K))), x, method="gradcam")
