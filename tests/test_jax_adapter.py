@@ -543,7 +543,7 @@ def test_forward_masked_errors(linen, x):
     ad = JaxAdapter(linen)
     with pytest.raises(ValueError, match=r"masks: expected \(M, \*shape\) or \(2, M, \*shape\) .* \(3, 16, 16\)"):
         ad.forward_masked(x, jnp.ones((2, 16, 16)))
-    with pytest.raises(ValueError, match=r"masks: .*\(12, 8, 8\) \(channels-first\) at 'Block_1'"):
+    with pytest.raises(ValueError, match=r"masks: .*\(12, 8, 8\) at 'Block_1'"):
         ad.forward_masked(x, jnp.ones((3, 2, 12, 1, 1)), at="Block_1")
     with pytest.raises(ValueError, match=r"batch_size: expected a positive int, got 0"):
         ad.forward_masked(x, jnp.ones((2, 1, 16, 16)), batch_size=0)
