@@ -11,10 +11,10 @@ Three kinds of model are accepted (``camcore.explain`` picks this adapter when `
 
    ``layer`` is the submodule's path as Flax names it, ``"/"``-joined from the root (``"Conv_0"``,
    ``"Block_3/Conv_0"``, ``"conv2"`` for an attribute set in ``setup``), or the path as a tuple
-   (``("Block_3", "Conv_0")``; only a list means several layers). Its ``__call__`` output is read (and, for ``forward_masked``,
-   multiplied) with ``flax.linen.intercept_methods``: the model's code is never edited and ``variables`` is
-   never changed (it is only passed to ``module.apply``). A module called several times shares one path; its
-   last call is used.
+   (``("Block_3", "Conv_0")``; only a list means several layers). Its ``__call__`` output is read (and, for
+   ``forward_masked``, multiplied) with ``flax.linen.intercept_methods``: the model's code is never edited and
+   ``variables`` is never changed (it is only passed to ``module.apply``). A module called several times shares
+   one path; its last call is used.
 
 2. **Flax nnx** -- the ``flax.nnx.Module`` itself::
 
@@ -23,8 +23,8 @@ Three kinds of model are accepted (``camcore.explain`` picks this adapter when `
        maps = camcore.explain(model, x, method="gradcam", layer=("blocks", 1, "conv"))  # the same layer
 
    ``layer`` is the attribute path of ``nnx.iter_modules`` joined with ``"/"`` (list/dict items by their
-   index or key); a tuple path (ints for list items), a dotted string (``"blocks.1.conv"``) or the submodule object itself are accepted too. Every call
-   works on a **throw-away copy** (``nnx.merge(*nnx.split(model), copy=True)``, made inside the traced
+   index or key); a tuple path (ints for list items), a dotted string (``"blocks.1.conv"``) or the submodule
+   object itself are accepted too. Every call works on a **throw-away copy** (``nnx.merge(*nnx.split(model), copy=True)``, made inside the traced
    function): the submodule is swapped for a capturing wrapper *in the copy*, ``model_mode="eval"`` calls
    ``copy.eval()``, and batch-norm statistics or RNG counters that a train-mode call updates change in the
    copy only. So the user's module -- its variables, its ``deterministic``/``use_running_average`` flags and

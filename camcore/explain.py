@@ -40,9 +40,9 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             component instead of their sum. ``reshape``: a callable applied to activations and gradients
             before the formulas, e.g. :func:`camcore.tokens_to_grid` for vision transformers.
             ``model_mode`` ("eval"): or "as-is" to keep the modules' training flags. ``data_format``:
-            ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model). For ``"cam"``:
-            ``classifier`` (name of the linear layer after global pooling; default: found automatically) or
-            ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for ``"gradcam++"``
+            ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model).
+            For ``"cam"``: ``classifier`` (name of the linear layer after global pooling; default: found
+            automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for ``"gradcam++"``
             and ``"xgradcam"``.
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
@@ -142,7 +142,7 @@ def _cam_weights(adapter, name, a, outputs, targets, opts):
     if wm.shape[1] != c:
         raise ValueError(f"layer: method='cam' needs the feature map the classifier {cname!r} reads after global "
                          f"pooling; {name!r} has {c} channels but {cname!r} expects {wm.shape[1]}")
-    if logits is not None and adapter.concrete(a):  # CAM's premise: logits == classifier(GAP(A)); verify it numerically
+    if logits is not None and adapter.concrete(a):  # CAM's premise: logits == classifier(GAP(A)); verify it
         pred = xp.matmul(xp.mean(a, axis=spatial_axes(a)), xp.matrix_transpose(wm))
         pred = pred if bias is None else pred + float32(bias)
         ref = float32(logits)
