@@ -42,8 +42,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             ``model_mode`` ("eval"): or "as-is" to keep the modules' training flags. ``data_format``:
             ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model).
             For ``"cam"``: ``classifier`` (name of the linear layer after global pooling; default: found
-            automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for ``"gradcam++"``
-            and ``"xgradcam"``.
+            automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps``
+            for ``"gradcam++"`` and ``"xgradcam"``.
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
         model's channel layout.
