@@ -23,16 +23,16 @@ Three kinds of model are accepted (``camcore.explain`` picks this adapter when `
        maps = camcore.explain(model, x, method="gradcam", layer=("blocks", 1, "conv"))  # the same layer
 
    ``layer`` is the attribute path of ``nnx.iter_modules`` joined with ``"/"`` (list/dict items by their
-   index or key); a tuple path (ints for list items), a dotted string (``"blocks.1.conv"``) or the submodule
-   object itself are accepted too. Every call works on a **throw-away copy**
-   (``nnx.merge(*nnx.split(model), copy=True)``, made inside the traced function): the submodule is swapped
-   for a capturing wrapper *in the copy*, ``model_mode="eval"`` calls ``copy.eval()``, and batch-norm statistics or RNG counters that a train-mode call updates change in the
-   copy only. So the user's module -- its variables, its ``deterministic``/``use_running_average`` flags and
-   its submodules -- is never touched, also when the model raises midway, and no ``try/finally`` restore is
-   needed. (A copy, not a swap-and-restore on the user's module: nnx forbids mutating a Variable created
-   outside the ``jax.vjp``/``jax.eval_shape`` trace that runs the model, and a copy cannot leak a wrapper or a
-   flag when something fails.) The wrapper forwards attribute access, indexing and iteration to the wrapped
-   module; only calls through the attribute path are seen.
+   index or key); a tuple path (ints for list items), a dotted string (``"blocks.1.conv"``) or the submodule object
+   itself are accepted too. Every call works on a **throw-away copy** (``nnx.merge(*nnx.split(model), copy=True)``,
+   made inside the traced function): the submodule is swapped for a capturing wrapper *in the copy*,
+   ``model_mode="eval"`` calls ``copy.eval()``, and batch-norm statistics or RNG counters that a train-mode call
+   updates change in the copy only. So the user's module -- its variables, its
+   ``deterministic``/``use_running_average`` flags and its submodules -- is never touched, also when the model
+   raises midway, and no ``try/finally`` restore is needed. (A copy, not a swap-and-restore on the user's module:
+   nnx forbids mutating a Variable created outside the ``jax.vjp``/``jax.eval_shape`` trace that runs the model, and
+   a copy cannot leak a wrapper or a flag when something fails.) The wrapper forwards attribute access, indexing and
+   iteration to the wrapped module; only calls through the attribute path are seen.
 
 3. **Plain JAX** -- a ``(features, head)`` pair of functions, ``features(x) -> A`` and ``head(A) -> outputs``::
 
