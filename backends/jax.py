@@ -43,7 +43,8 @@ Three kinds of model are accepted (``camcore.explain`` picks this adapter when `
    The only layer is ``"features"`` (the output of ``features``). Pass ``data_format="channels_first"`` when
    both ``x`` and ``A`` are ``(B, C, *S)``.
 
-Equinox models are not supported (equinox is not installed here); wrap one as a ``(features, head)`` pair.
+Equinox models are not supported yet (their layers take one unbatched example and the model is ``jax.vmap``-ed,
+so a tapped layer would need a vmapped delta); wrap one as a ``(features, head)`` pair, each ``jax.vmap``-ed.
 
 **Inference mode.** ``model_mode="eval"`` (default): linen -- ``module.apply(variables, x)`` with *no* mutable
 collection, so batch statistics are read-only; if the root module's ``__call__`` takes an argument named
