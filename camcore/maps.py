@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._xp import array_namespace, device, expand_to, spatial_axes
+from ._xp import array_namespace, device, expand_to
 
 __all__ = ["weigh", "channel_sum", "principal_component", "relu", "normalize", "upsample", "fuse"]
 

@@ -7,7 +7,7 @@ total, a detection box's score, a captioning model's token log-likelihood, one h
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

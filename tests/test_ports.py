@@ -223,7 +223,7 @@ def test_conversion_leaves_torch_model_unchanged(effnet, keras_port, flax_port):
 
 
 def test_ports_are_independent_copies(effnet, keras_port, flax_port):
-    keras, fc_bias = keras_port.keras, keras_port.model.get_layer("_fc").bias
+    fc_bias = keras_port.model.get_layer("_fc").bias
     torch_bias = effnet._fc.bias.detach().clone()
     keras_bias = np.array(fc_bias.numpy())
     flax_bias = np.array(flax_port.variables["params"]["_fc"]["bias"])

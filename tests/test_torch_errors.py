@@ -10,7 +10,7 @@ from torch import nn
 
 import camcore
 from camcore.backends.pytorch import TorchAdapter
-from model_checks import assert_no_hooks, assert_untouched, snapshot
+from model_checks import assert_untouched, snapshot
 
 
 class SmallNet(nn.Module):
