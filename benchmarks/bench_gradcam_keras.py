@@ -31,7 +31,6 @@ GPU path.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import warnings
@@ -40,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 from memprobe import MMAP_ENV as _MMAP_ENV  # noqa: E402
-from memprobe import _settle, _status_kib, clear_refs_works, cpu_peak_increase_mib, measure, run_child  # noqa: E402
+from memprobe import cpu_memory, fresh_child, measure, memory_child  # noqa: E402
 
 LAYER = "_conv_head"
 _LIBS = {"camcore": "camcore", "tkv": "tf-keras-vis"}
@@ -100,52 +99,6 @@ def layer_resolution_diff(kmodel, x, top) -> float:
     return float(np.abs(ours - theirs).max())
 
 
-# ------------------------------------------------------------- CPU memory: a child process, fixed mmap threshold
-def _memory_child(batch: int, repeats: int, warmup: int) -> None:
-    """Both libraries in this one process, alternating; prints JSON {mems, held, method}."""
-    runners, _ = make_runners(*setup(batch))
-    for _ in range(warmup):
-        for lib in runners:
-            runners[lib][0]()
-            runners[lib][1]()
-    if clear_refs_works():
-        _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
-        print(json.dumps({"mems": mems, "held": held, "method": "clear_refs"}))
-    else:
-        print(json.dumps({"method": "none"}))
-
-
-def _fresh_child(lib: str, batch: int) -> None:
-    """Fallback: one library, first run in a fresh process (VmHWM is the peak since the process started)."""
-    runners, _ = make_runners(*setup(batch))
-    _settle()
-    before = _status_kib("VmRSS")
-    runners[lib][0]()
-    print(json.dumps({"peak_increase_mib": (_status_kib("VmHWM") - before) / 1024}))
-
-
-def _run_child(args: list[str]) -> dict:
-    return run_child(__file__, args)
-
-
-def cpu_memory(batch: int, repeats: int, warmup: int, runners=None):
-    """(mems, held, description). ``runners`` given: measure here, in this process, with the allocator as is."""
-    if runners is not None:
-        if not clear_refs_works():
-            raise SystemExit("--malloc-default: /proc/self/clear_refs cannot reset VmHWM here")
-        _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
-        return mems, held, ("in this process, glibc's default dynamic mmap threshold (depends on what ran "
-                            "before); VmHWM reset via /proc/self/clear_refs, minus VmRSS before each run")
-    res = _run_child(["--_memory", "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)])
-    if res["method"] == "clear_refs":
-        return res["mems"], res["held"], (
-            f"one child process holding both libraries, alternating, {_MMAP_ENV}=131072; VmHWM reset via "
-            f"/proc/self/clear_refs, minus VmRSS just before each run (after gc.collect() + malloc_trim(0))")
-    mems = {lib: [_run_child(["--_fresh", lib, "--batch", str(batch)])["peak_increase_mib"]] for lib in _LIBS}
-    return mems, {}, ("/proc/self/clear_refs cannot reset VmHWM here: FALLBACK, each library's first run in a "
-                      f"fresh subprocess ({_MMAP_ENV}=131072), VmHWM minus VmRSS before the run")
-
-
 # --------------------------------------------------------------------------------------------------- main
 def report(times, mems, held):
     cc_t, tk_t = statistics.median(times["camcore"]), statistics.median(times["tkv"])
@@ -186,7 +139,7 @@ def bench(batch: int, repeats: int, mem_repeats: int, warmup: int, malloc_defaul
     times, _, _ = measure(runners, repeats, None)
     print(f"[cpu] timing: this process, glibc malloc as configured ({_MMAP_ENV}="
           f"{os.environ.get(_MMAP_ENV, 'unset: dynamic')})")
-    mems, held, how = cpu_memory(batch, mem_repeats, warmup, runners if malloc_default else None)
+    mems, held, how = cpu_memory(__file__, _LIBS, batch, mem_repeats, warmup, runners if malloc_default else None)
     print(f"[cpu] peak memory: {how}")
     report(times, mems, held)
 
@@ -204,10 +157,10 @@ def main(argv=None) -> None:
     parser.add_argument("--_fresh", choices=list(_LIBS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
-        _memory_child(args.batch, args.repeats, args.warmup)
+        memory_child(make_runners(*setup(args.batch))[0], args.repeats, args.warmup)
         return
     if args._fresh:
-        _fresh_child(args._fresh, args.batch)
+        fresh_child(make_runners(*setup(args.batch))[0], args._fresh)
         return
     bench(args.batch, args.repeats, args.mem_repeats, args.warmup, args.malloc_default)
 

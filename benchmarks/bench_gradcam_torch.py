@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 
 import numpy as np
 from memprobe import MMAP_ENV as _MMAP_ENV
-from memprobe import _settle, _status_kib, clear_refs_works, cpu_peak_increase_mib, measure, run_child
+from memprobe import cpu_memory, fresh_child, measure, memory_child
 import torch
 
 LAYER = "_conv_head"
@@ -96,55 +95,6 @@ def make_runners(model, x):
     return {"camcore": (run_camcore, after_camcore), "pgc": (run_pgc, after_pgc)}, results
 
 
-# ------------------------------------------------------------- CPU memory: a child process, fixed mmap threshold
-def _memory_child(batch: int, repeats: int, warmup: int) -> None:
-    """Both libraries in this one process, alternating; prints JSON {mems, held, method}."""
-    model, x = setup(batch, "cpu")
-    runners, _ = make_runners(model, x)
-    for _ in range(warmup):
-        for lib in runners:
-            runners[lib][0]()
-            runners[lib][1]()
-    if clear_refs_works():
-        _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
-        print(json.dumps({"mems": mems, "held": held, "method": "clear_refs"}))
-    else:
-        print(json.dumps({"method": "none"}))
-
-
-def _fresh_child(lib: str, batch: int) -> None:
-    """Fallback: one library, first run in a fresh process (VmHWM is the peak since the process started)."""
-    model, x = setup(batch, "cpu")
-    runners, _ = make_runners(model, x)
-    _settle()
-    before = _status_kib("VmRSS")
-    runners[lib][0]()
-    print(json.dumps({"peak_increase_mib": (_status_kib("VmHWM") - before) / 1024}))
-
-
-def _run_child(args: list[str]) -> dict:
-    return run_child(__file__, args)
-
-
-def cpu_memory(batch: int, repeats: int, warmup: int, runners=None):
-    """(mems, held, description). ``runners`` given: measure here, in this process, with the allocator as is."""
-    if runners is not None:
-        if not clear_refs_works():
-            raise SystemExit("--malloc-default: /proc/self/clear_refs cannot reset VmHWM here")
-        _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
-        return mems, held, ("in this process, glibc's default dynamic mmap threshold (depends on what ran "
-                            "before); VmHWM reset via /proc/self/clear_refs, minus VmRSS before each run")
-    res = _run_child(["--_memory", "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)])
-    if res["method"] == "clear_refs":
-        return res["mems"], res["held"], (
-            f"one child process holding both libraries, alternating, {_MMAP_ENV}=131072; VmHWM reset via "
-            f"/proc/self/clear_refs, minus VmRSS just before each run (after gc.collect() + malloc_trim(0))")
-    mems = {lib: [_run_child(["--_fresh", lib, "--batch", str(batch)])["peak_increase_mib"]]
-            for lib in ("camcore", "pgc")}
-    return mems, {}, ("/proc/self/clear_refs cannot reset VmHWM here: FALLBACK, each library's first run in a "
-                      f"fresh subprocess ({_MMAP_ENV}=131072), VmHWM minus VmRSS before the run")
-
-
 # --------------------------------------------------------------------------------------------------- main
 def report(device: str, times, mems, held, target_t=0.7, target_m=0.6):
     cc_t, pg_t = statistics.median(times["camcore"]), statistics.median(times["pgc"])
@@ -184,7 +134,8 @@ def bench(device: str, batch: int, repeats: int, warmup: int, malloc_default: bo
         times, _, _ = measure(runners, repeats, None)
         print(f"[cpu] timing: this process, glibc malloc as configured ({_MMAP_ENV}="
               f"{os.environ.get(_MMAP_ENV, 'unset: dynamic')})")
-        mems, held, how = cpu_memory(batch, repeats, warmup, runners if malloc_default else None)
+        mems, held, how = cpu_memory(__file__, ("camcore", "pgc"), batch, repeats, warmup,
+                                     runners if malloc_default else None)
         print(f"[cpu] peak memory: {how}")
     else:
         print(f"[{device}] peak memory: torch.cuda.max_memory_allocated minus memory_allocated before each run")
@@ -206,10 +157,10 @@ def main(argv=None) -> None:
     parser.add_argument("--_fresh", choices=["camcore", "pgc"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
-        _memory_child(args.batch, args.repeats, args.warmup)
+        memory_child(make_runners(*setup(args.batch, "cpu"))[0], args.repeats, args.warmup)
         return
     if args._fresh:
-        _fresh_child(args._fresh, args.batch)
+        fresh_child(make_runners(*setup(args.batch, "cpu"))[0], args._fresh)
         return
     devices = {"auto": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
                "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
