@@ -13,7 +13,8 @@ from __future__ import annotations
 import difflib
 import sys
 
-__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "MODEL_KINDS"]
+__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "masked_rows",
+           "MODEL_KINDS"]
 
 MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
                "or a (features, head) pair of JAX functions")
@@ -79,3 +80,14 @@ def check_masks(mask_shape, batch: int, at_shape, at) -> bool:
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+
+
+def masked_rows(masks, batch: int, per_sample: bool, batch_size: int, score) -> list[list]:
+    """``forward_masked``'s loop: for each sample ``i``, ``[score(i, chunk), ...]`` over its masks (``masks[i]``
+    when per sample, else all of ``masks``) in chunks of at most ``batch_size``, in order."""
+    rows = []
+    for i in range(batch):
+        sample_masks = masks[i] if per_sample else masks
+        rows.append([score(i, sample_masks[start : start + batch_size])
+                     for start in range(0, sample_masks.shape[0], batch_size)])
+    return rows

@@ -92,7 +92,7 @@ import numpy as np
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
 
 __all__ = ["JaxAdapter", "accepts"]
 
@@ -655,21 +655,16 @@ class JaxAdapter:
         if not callable(targets):  # top classes / range check on the unmasked inputs
             idx = class_indices(targets, run(x, lambda n, c, out: out))
 
-        rows = []
-        for i in range(b):
-            sample_masks = masks[i] if per_sample else masks
-            xi = x[i : i + 1]
-            row = []
-            for start in range(0, sample_masks.shape[0], batch_size):
-                chunk = sample_masks[start : start + batch_size]
-                m = chunk.shape[0]
-                if name is None:
-                    out = run(xi * chunk, None)
-                else:
-                    out = run(jnp.broadcast_to(xi, (m, *xi.shape[1:])), _masking_hook(chunk, n_calls))
-                row.append(target_scores(targets, out, m)[0] if idx is None else out[:, idx[i]])
-            rows.append(jnp.concatenate(row))
-        return jnp.stack(rows).astype(jnp.float32)
+        def score(i, chunk):
+            xi, m = x[i : i + 1], chunk.shape[0]
+            if name is None:
+                out = run(xi * chunk, None)
+            else:
+                out = run(jnp.broadcast_to(xi, (m, *xi.shape[1:])), _masking_hook(chunk, n_calls))
+            return target_scores(targets, out, m)[0] if idx is None else out[:, idx[i]]
+
+        rows = masked_rows(masks, b, per_sample, batch_size, score)
+        return jnp.stack([jnp.concatenate(row) for row in rows]).astype(jnp.float32)
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the last

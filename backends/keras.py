@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
 
 __all__ = ["KerasAdapter"]
 
@@ -311,23 +311,20 @@ class KerasAdapter:
             at_shape = (at_shape[0], at_shape[-1], *at_shape[1:-1]) if feature_map else at_shape
             per_sample = check_masks(masks.shape, b, at_shape, at)
             masks = np.moveaxis(masks, 2 if per_sample else 1, -1) if feature_map else masks
-            rows = []
-            for i in range(b):
-                sample_masks = masks[i] if per_sample else masks
-                row = []
-                for start in range(0, sample_masks.shape[0], batch_size):
-                    chunk = sample_masks[start : start + batch_size]
-                    xs = tf.repeat(x[i : i + 1], chunk.shape[0], axis=0)
-                    if named is None:
-                        out = self._call(xs * tf.cast(chunk, xs.dtype))
-                    else:
-                        current["mask"] = chunk
-                        out = self._call(xs)
-                    scores = (target_scores(targets, out, chunk.shape[0])[0] if callable(targets)
-                              else out[:, int(idx[i])])
-                    row.append(np.asarray(scores, dtype=np.float32))
-                rows.append(np.concatenate(row))
-        return np.stack(rows)
+
+            def score(i, chunk):
+                xs = tf.repeat(x[i : i + 1], chunk.shape[0], axis=0)
+                if named is None:
+                    out = self._call(xs * tf.cast(chunk, xs.dtype))
+                else:
+                    current["mask"] = chunk
+                    out = self._call(xs)
+                scores = (target_scores(targets, out, chunk.shape[0])[0] if callable(targets)
+                          else out[:, int(idx[i])])
+                return np.asarray(scores, dtype=np.float32)
+
+            rows = masked_rows(masks, b, per_sample, batch_size, score)
+        return np.stack([np.concatenate(row) for row in rows])
 
     def linear_classifier(self, name=None):
         """``(name, W (K, C), b (K,) or None)`` as NumPy, of the ``Dense`` layer named ``name`` or of the

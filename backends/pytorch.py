@@ -14,7 +14,7 @@ import torch
 
 from camcore.targets import check_targets, class_indices, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
 
 __all__ = ["TorchAdapter"]
 
@@ -237,24 +237,18 @@ class TorchAdapter:
             if layer is not None and not probe:
                 raise ValueError(f"at: layer {layer[0]!r} did not run during the forward pass of the inputs")
             per_sample = check_masks(masks.shape, b, inputs.shape if layer is None else probe[-1], at)
-            rows = []
-            for i in range(b):
-                sample_masks = masks[i] if per_sample else masks
+
+            def score(i, chunk):
                 x = inputs[i : i + 1]
-                row = []
-                for start in range(0, sample_masks.shape[0], batch_size):
-                    chunk = sample_masks[start : start + batch_size]
-                    if layer is None:
-                        out = self.model(x * chunk)
-                    else:
-                        current["mask"] = chunk
-                        out = self.model(x.expand(chunk.shape[0], *x.shape[1:]))
-                    if callable(targets):
-                        row.append(target_scores(targets, out, chunk.shape[0])[0])
-                    else:
-                        row.append(out[:, idx[i]])
-                rows.append(torch.cat(row))
-        return torch.stack(rows).float()
+                if layer is None:
+                    out = self.model(x * chunk)
+                else:
+                    current["mask"] = chunk
+                    out = self.model(x.expand(chunk.shape[0], *x.shape[1:]))
+                return target_scores(targets, out, chunk.shape[0])[0] if callable(targets) else out[:, idx[i]]
+
+            rows = masked_rows(masks, b, per_sample, batch_size, score)
+        return torch.stack([torch.cat(row) for row in rows]).float()
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the model's last
