@@ -3,7 +3,8 @@
 Every adapter exposes the same contract (see ``docs/adapters.md``):
 
 - ``activations_and_grads(inputs, layers, targets=None, *, gradients=True) -> (outputs, activations, grads)``
-- ``forward_masked(inputs, masks, *, at="input", targets=None, batch_size=32) -> scores (B, M)``
+- ``forward_masked(inputs, masks, *, at="input", targets=None, batch_size=32, probability=False, progress=None,
+  info=None) -> scores (B, M)``
 
 A framework module is looked up in ``sys.modules`` only: camcore never imports a framework the user did not.
 Adapters hand the core channels-first arrays ``(B, C, *S)`` and transpose channels-last models at their edge.
@@ -82,12 +83,18 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
 
 
-def masked_rows(masks, batch: int, per_sample: bool, batch_size: int, score) -> list[list]:
+def masked_rows(masks, batch: int, per_sample: bool, batch_size: int, score, progress=None) -> list[list]:
     """``forward_masked``'s loop: for each sample ``i``, ``[score(i, chunk), ...]`` over its masks (``masks[i]``
-    when per sample, else all of ``masks``) in chunks of at most ``batch_size``, in order."""
+    when per sample, else all of ``masks``) in chunks of at most ``batch_size``, in order; ``progress(n)`` (if given)
+    is called after each chunk with its number of masks."""
     rows = []
     for i in range(batch):
         sample_masks = masks[i] if per_sample else masks
-        rows.append([score(i, sample_masks[start : start + batch_size])
-                     for start in range(0, sample_masks.shape[0], batch_size)])
+        row = []
+        for start in range(0, sample_masks.shape[0], batch_size):
+            chunk = sample_masks[start : start + batch_size]
+            row.append(score(i, chunk))
+            if progress is not None:
+                progress(chunk.shape[0])
+        rows.append(row)
     return rows

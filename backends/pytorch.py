@@ -9,16 +9,28 @@ the layer (``ReLU(inplace=True)``, DenseNet) cannot corrupt what was captured.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
-from camcore.targets import check_targets, class_indices, target_scores
+from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
 from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
+from .torch_tail import Tail
 
 __all__ = ["TorchAdapter"]
 
 _MODES = ("eval", "as-is")
+
+
+def _tensors(tree) -> list:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    return []
 
 
 def _detach(tree):
@@ -201,7 +213,8 @@ class TorchAdapter:
                                      f"from the outputs to it); pick a layer the outputs depend on")
         return _detach(outputs), [a.detach() for a in acts], list(grads)
 
-    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32):
+    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32, probability=False,
+                       progress=None, info=None):
         """Target scores of the model with masks multiplied into the inputs or into a layer's activations.
 
         Args:
@@ -209,9 +222,14 @@ class TorchAdapter:
             masks: ``(M, *shape)`` shared by all samples or ``(B, M, *shape)`` per sample, where ``shape``
                 broadcasts against one sample at ``at`` (e.g. ``(1, H, W)`` spatial masks on the input,
                 ``(C, 1, 1)`` channel masks on a layer).
-            at: ``"input"``, or a layer (name or module) whose output is multiplied by the mask.
+            at: ``"input"``, or a layer (name or module) whose output, at its last call, is multiplied by the mask.
             targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
             batch_size: masked copies run per forward pass; bounds peak memory.
+            probability: score class targets by their softmax probability instead of their logit.
+            progress: ``progress(n)`` is called after each forward pass with its number of masks.
+            info: a dict that receives ``"path"``: ``"full"`` (whole model per chunk), or ``"tail"`` for layer
+                masks (the layers before ``at`` run once per sample, see :mod:`camcore.backends.torch_tail`);
+                and ``"reason"`` when the tail path could not be used (a ``RuntimeWarning`` says so too).
         Returns: ``(B, M)`` float32 scores, on the inputs' device.
         """
         self.check_inputs(inputs)
@@ -220,35 +238,76 @@ class TorchAdapter:
         masks = torch.as_tensor(masks, device=inputs.device).to(inputs.dtype)
         targets = check_targets(targets, b)
         layer = None if at == "input" else self.resolve_layer(at)
+        info = {} if info is None else info
+        calls = [0, 0]  # calls of the layer in the current pass; in the unmasked pass
         current: dict[str, torch.Tensor] = {}
         probe: list[torch.Size] = []
 
         def hook(module, args, out):
-            if "mask" not in current:  # the unmasked probe pass: learn the shape at `at`
+            calls[0] += 1
+            if "mask" not in current:  # the unmasked probe pass: learn the shape at `at`, count the calls
                 probe.append(out.shape)
                 return None
-            return out * current["mask"]
+            return out * current["mask"] if calls[0] == calls[1] else None
 
         with self._session() as hooks, torch.no_grad():
+            idx = None if callable(targets) else targets
             if layer is not None:
                 hooks.append(layer[1].register_forward_hook(hook))
-            plain = self.model(inputs)  # top classes, range check, and the shape at `at`
-            idx = None if callable(targets) else class_indices(targets, plain).tolist()
+            if layer is not None or targets is None:  # shape at `at`, and the top classes
+                plain = self.model(inputs)
+                idx = None if callable(targets) else class_indices(targets, plain).tolist()
+                calls[1] = calls[0]
             if layer is not None and not probe:
                 raise ValueError(f"at: layer {layer[0]!r} did not run during the forward pass of the inputs")
             per_sample = check_masks(masks.shape, b, inputs.shape if layer is None else probe[-1], at)
+            checked = [layer is not None or not isinstance(targets, list)]  # else: range-check on first use
 
-            def score(i, chunk):
+            def pick(i, out, m):
+                if idx is None:
+                    return target_scores(targets, out, m)[0].float()
+                if not checked[0]:  # class indices given: range-check them against the first outputs
+                    class_indices(idx, out)
+                    checked[0] = True
+                return class_scores(out, idx[i], probability=probability)
+
+            def full(i, chunk):
                 x = inputs[i : i + 1]
                 if layer is None:
-                    out = self.model(x * chunk)
-                else:
-                    current["mask"] = chunk
-                    out = self.model(x.expand(chunk.shape[0], *x.shape[1:]))
-                return target_scores(targets, out, chunk.shape[0])[0] if callable(targets) else out[:, idx[i]]
+                    return pick(i, self.model(x * chunk), chunk.shape[0])
+                current["mask"], calls[0] = chunk, 0
+                return pick(i, self.model(x.expand(chunk.shape[0], *x.shape[1:])), chunk.shape[0])
 
-            rows = masked_rows(masks, b, per_sample, batch_size, score)
+            score, info["path"] = full, "full"
+            if layer is not None:
+                tail = self._tail(layer, inputs, plain, info)
+                if tail is not None:
+                    score, info["path"] = (lambda i, chunk: pick(i, tail(i, inputs[i : i + 1], chunk),
+                                                                 chunk.shape[0])), "tail"
+            rows = masked_rows(masks, b, per_sample, batch_size, score, progress)
         return torch.stack([torch.cat(row) for row in rows]).float()
+
+    def _tail(self, layer, inputs, plain, info):
+        """The :class:`~camcore.backends.torch_tail.Tail` of the model after ``layer``, checked to reproduce the
+        model's outputs for the first sample; ``None`` (with ``info["reason"]`` and a warning) when unusable."""
+        name, module = layer
+        try:
+            tail = Tail(self.model, module)
+            ones = torch.ones((1, *[1] * (inputs.ndim - 1)), dtype=inputs.dtype, device=inputs.device)
+            got, want = tail(0, inputs[:1], ones), plain
+            got_leaves, want_leaves = _tensors(got), _tensors(want)
+            same = len(got_leaves) == len(want_leaves) and all(
+                g.shape == w[:1].shape and torch.allclose(g.float(), w[:1].float(), rtol=1e-4, atol=1e-5)
+                for g, w in zip(got_leaves, want_leaves))
+            if not same:
+                raise RuntimeError("the traced graph does not reproduce the model's outputs")
+            return tail
+        except Exception as err:  # any failure of tracing or vmap: the full passes are always right
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            info["reason"] = reason
+            warnings.warn(f"forward_masked: could not run only the layers after {name!r} ({reason}); ran the whole "
+                          f"model for every mask instead (slower, same scores)", RuntimeWarning, stacklevel=3)
+            return None
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the model's last

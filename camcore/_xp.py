@@ -5,9 +5,10 @@ same namespace on the same device. Nothing here imports a framework.
 """
 from __future__ import annotations
 
+import numpy as np
 from array_api_compat import array_namespace, device
 
-__all__ = ["array_namespace", "device", "spatial_axes", "expand_to", "float32"]
+__all__ = ["array_namespace", "device", "spatial_axes", "expand_to", "float32", "to_host"]
 
 
 def spatial_axes(a) -> tuple[int, ...]:
@@ -25,3 +26,12 @@ def float32(a):
     """``a`` as float32 (no copy when it already is)."""
     xp = array_namespace(a)
     return a if a.dtype == xp.float32 else xp.astype(a, xp.float32)
+
+
+def to_host(a) -> np.ndarray:
+    """A host NumPy copy of an array of any framework (a device array is copied to the CPU first)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach"):  # torch
+        a = a.detach().cpu()
+    return np.asarray(a)

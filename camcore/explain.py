@@ -4,15 +4,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import maps
-from ._xp import array_namespace, float32, spatial_axes
+from . import perturbation as P
+from ._xp import array_namespace, float32, spatial_axes, to_host
 from .methods import get_method
-from .targets import check_targets, class_indices
+from .targets import check_targets, class_indices, target_scores
 from .weights import cam as cam_weights_for
 
 __all__ = ["explain"]
 
 _COMMON = {"counterfactual": False, "eigen_smooth": False, "reshape": None, "model_mode": "eval",
-           "data_format": None, "classifier": None, "cam_weights": None}
+           "data_format": None, "classifier": None, "cam_weights": None, "info": None}
 
 
 def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: bool = True,
@@ -26,7 +27,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             channels-last Keras and JAX models (S: 1, 2 or 3 spatial dims); an array of the model's framework
             (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
-            ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"`` or ``"eigengradcam"``.
+            ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"``, ``"eigengradcam"``, or the gradient-free
+            ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`).
         layer: the framework's name of the layer (``"layer4.1"``, ``"Block_3/Conv_0"``), the layer object, or a
             list of them (fused, from one forward pass); ``None`` picks the last layer that outputs a feature map.
         targets: ``None`` (top class per sample), an int, a list of one int per sample, or a callable
@@ -43,7 +45,13 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model).
             For ``"cam"``: ``classifier`` (name of the linear layer after global pooling; default: found
             automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps``
-            for ``"gradcam++"`` and ``"xgradcam"``.
+            for ``"gradcam++"`` and ``"xgradcam"``. Gradient-free methods: ``batch_size`` (32, masked copies
+            per forward pass), ``progress`` (None: a tqdm bar when stderr is a terminal; True/False);
+            Score-CAM family: ``weighting`` ("probability": the target's softmax probability, as the authors;
+            or "channel-softmax": a softmax over channels of the logits, as pytorch-grad-cam), ``top_k``
+            (Faster Score-CAM: score only the k channels of largest variance); ``"sscam"``: ``num_samples``
+            (10), ``std`` (2.0), ``seed`` (0); ``"iscam"``: ``num_samples`` (10). ``info``: a dict to receive
+            how a gradient-free method ran (``"path"``, ``"reason"``, ``"masked_forwards"``).
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
         model's channel layout.
@@ -61,6 +69,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     if opts["counterfactual"] and not (spec.needs_grads or spec.name == "cam"):
         raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
                          f"use a gradient method such as 'gradcam'")
+    if spec.perturbation:
+        P.check_options(spec.name, hyper, opts["reshape"])
     if spec.name != "cam" and (opts["classifier"] is not None or opts["cam_weights"] is not None):
         raise TypeError(f"explain: 'classifier' and 'cam_weights' apply to method='cam' only, not {spec.name!r}")
 
@@ -74,6 +84,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     names = [adapter.resolve_layer(lay)[0] for lay in layers]
     outputs, acts, grads = adapter.activations_and_grads(inputs, layers, targets, gradients=spec.needs_grads)
     reshape: Callable | None = opts["reshape"]
+    classes = _classes(targets, outputs) if spec.perturbation else None
 
     cams = []
     for name, a, g in zip(names, acts, grads):
@@ -86,6 +97,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         if spec.name == "cam":
             w = _cam_weights(adapter, name, a, outputs, targets, opts)
             w = -w if opts["counterfactual"] else w
+        elif spec.perturbation:
+            w = _perturbation_weights(spec, adapter, inputs, name, a, outputs, targets, classes, hyper, opts["info"])
         else:
             w = None if spec.weights is None else spec.weights(a, g, **hyper)
         weighted = maps.weigh(w, a)
@@ -96,6 +109,24 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
     size = _output_size(adapter.spatial_shape(inputs), cams, upsample)
     out = maps.fuse(cams, size)
     return adapter.to_native(maps.normalize(out) if normalize else out, inputs)
+
+
+def _classes(targets, outputs):
+    """A callable target as it is, else one host int class index per sample."""
+    return targets if callable(targets) else to_host(class_indices(targets, outputs)).tolist()
+
+
+def _perturbation_weights(spec, adapter, inputs, name, a, outputs, targets, classes, hyper, info):
+    if not adapter.concrete(a):
+        raise ValueError(f"method: {spec.name!r} chooses its masks from the activations' values, so it runs "
+                         f"eagerly; call explain outside jax.jit (the forward passes are compiled inside)")
+    host = to_host(a)
+    run = {k: hyper[k] for k in ("batch_size", "progress")}
+    if spec.perturbation == "layer":
+        y = target_scores(targets, outputs, a.shape[0])[0]
+        return P.ablation_weights(adapter, inputs, name, a, host, y, classes, info=info, **run)
+    return P.score_weights(adapter, inputs, a, host, classes, variant=spec.name, info=info,
+                           **{k: v for k, v in hyper.items() if k not in run}, **run)
 
 
 def _check_layer_arrays(name, a, g):

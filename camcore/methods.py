@@ -16,7 +16,9 @@ class Method:
 
     ``weights(A, G, **hyper) -> (B, C) | (B, C, *S) | None`` (``None``: the activations unweighted);
     ``eigen``: reduce by the first principal component instead of the channel sum;
-    ``needs_grads``: whether the backend must compute ``dy/dA``; ``hyper``: keyword options and defaults.
+    ``needs_grads``: whether the backend must compute ``dy/dA``; ``hyper``: keyword options and defaults;
+    ``perturbation``: for gradient-free methods, where the masks go, ``"input"`` (Score-CAM family, the weights
+    from :func:`camcore.perturbation.score_weights`) or ``"layer"`` (Ablation-CAM).
     """
 
     name: str
@@ -24,7 +26,11 @@ class Method:
     needs_grads: bool = True
     eigen: bool = False
     hyper: dict = field(default_factory=dict)
+    perturbation: str | None = None
 
+
+_MASKED = {"batch_size": 32, "progress": None}  # options of every gradient-free method
+_SCORE = {**_MASKED, "weighting": "probability", "top_k": None}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -38,6 +44,11 @@ METHODS: dict[str, Method] = {
         Method("layercam", W.layercam),
         Method("eigencam", None, needs_grads=False, eigen=True),
         Method("eigengradcam", W.eigengradcam, eigen=True),
+        Method("scorecam", None, needs_grads=False, perturbation="input", hyper={**_SCORE}),
+        Method("sscam", None, needs_grads=False, perturbation="input",
+               hyper={**_SCORE, "num_samples": 10, "std": 2.0, "seed": 0}),
+        Method("iscam", None, needs_grads=False, perturbation="input", hyper={**_SCORE, "num_samples": 10}),
+        Method("ablationcam", None, needs_grads=False, perturbation="layer", hyper={**_MASKED}),
     ]
 }
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._xp import array_namespace, device
 
-__all__ = ["check_targets", "class_indices", "target_scores"]
+__all__ = ["check_targets", "class_indices", "target_scores", "softmax", "class_scores"]
 
 
 def check_targets(targets, batch: int):
@@ -96,3 +96,20 @@ def target_scores(targets, outputs, batch: int):
     xp = array_namespace(outputs)
     hit = xp.arange(outputs.shape[1], device=device(outputs))[None, :] == idx[:, None]
     return xp.sum(xp.where(hit, outputs, xp.zeros_like(outputs)), axis=1), idx
+
+
+def softmax(logits, /):
+    """Class probabilities ``exp(z_c - max z) / sum_j exp(z_j - max z)`` over the last axis (``(..., K)``), in the
+    logits' float dtype; stable for large logits."""
+    xp = array_namespace(logits)
+    z = logits - xp.max(logits, axis=-1, keepdims=True)
+    e = xp.exp(z)
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def class_scores(outputs, index: int, *, probability: bool = False):
+    """``(M,)`` float32 scores of class ``index`` in ``(M, K)`` logits: the logit ``y^c``, or with
+    ``probability=True`` the softmax probability ``p^c`` (Score-CAM's score, computed in float32)."""
+    xp = array_namespace(outputs)
+    out = xp.astype(outputs, xp.float32)
+    return (softmax(out) if probability else out)[:, index]

@@ -1,0 +1,217 @@
+"""Gradient-free channel weights: the Score-CAM family (masks on the input) and Ablation-CAM (channels zeroed at
+the layer).
+
+The pure functions build masks and turn scores into weights; :func:`score_weights` and :func:`ablation_weights`
+drive a backend's ``forward_masked`` with them, one sample at a time, in chunks of ``batch_size``. Masks are
+channels-first and of the activations' namespace and device; a host copy of the activations (small: ``(C, *s)``
+per sample) decides which masks to run.
+
+- Score-CAM (Wang et al. 2020, and the authors' code): ``M_k = s(U(A_k))`` (upsample to the input size, min-max
+  normalise to ``[0, 1]``; a constant channel gives ``M_k = 0``), ``w_k = softmax(f(X * M_k))_c``.
+- SS-CAM (Wang, Naidu et al. 2020): ``w_k = 1/N sum_n softmax(f(X * (M_k + delta_n)))_c`` with
+  ``delta_n ~ N(0, sigma^2)`` per pixel; the paper's ``N = 10``, ``sigma = 2``.
+- IS-CAM (Naidu et al. 2020): ``w_k = 1/N sum_{i=1..N} softmax(f(X * (i/N) M_k))_c``, the scores integrated along
+  the straight path from the black image to ``X * M_k``; ``N = 10``.
+- ``top_k`` (Faster Score-CAM): only the ``k`` channels of largest spatial variance are scored, the others weigh 0.
+- ``weighting="channel-softmax"``: pytorch-grad-cam's and torch-cam's rule, ``w = softmax_k(y^c(X * M_k))`` over
+  the channels, from logits.
+- Ablation-CAM (Desai & Ramaswamy 2020, eq. 2): ``w_k = (y^c - y^c_k) / y^c``, ``y^c_k`` the score with channel
+  ``k`` of the layer set to zero. An all-zero channel is not run: ablating it changes nothing (``w_k = 0``).
+
+Identical masks (constant channels, duplicated channels) are scored once per sample.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import maps
+from ._xp import array_namespace, device, to_host
+
+__all__ = ["channel_masks", "distinct_channels", "top_variance_channels", "channel_softmax", "ablation_masks",
+           "check_options", "score_weights", "ablation_weights", "WEIGHTINGS"]
+
+WEIGHTINGS = ("probability", "channel-softmax")
+
+
+# --------------------------------------------------------------------------------------------- pure functions
+def channel_masks(a, size, /):
+    """Score-CAM's masks ``s(U(A_k))``: ``(M, *s)`` channels -> ``(M, 1, *size)``, each upsampled (linear,
+    half-pixel centres) and min-max normalised to ``[0, 1]``; a constant channel gives an all-zero mask."""
+    xp = array_namespace(a)
+    return xp.expand_dims(maps.normalize(maps.upsample(a, size)), axis=1)
+
+
+def distinct_channels(a, /) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, inverse)`` for one sample's host activations ``(C, *s)``: ``keep`` indexes one channel per distinct
+    Score-CAM mask and ``a[keep][inverse]`` has the masks of ``a``. Constant channels all give the zero mask, and
+    bit-identical channels the same mask."""
+    a = np.ascontiguousarray(a.reshape(a.shape[0], -1))
+    constant = (a == a[:, :1]).all(axis=1)
+    keys = np.where(constant[:, None], 0, a)  # every constant channel -> one key
+    _, keep, inverse = np.unique(keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).ravel(),
+                                 return_index=True, return_inverse=True)
+    return keep, inverse.ravel()
+
+
+def top_variance_channels(a, k: int, /) -> np.ndarray:
+    """Faster Score-CAM's selection: for host activations ``(B, C, *s)``, the ``(B, k)`` indices of the ``k``
+    channels of largest variance over space, in decreasing order (ties: lower index first)."""
+    var = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64).var(axis=2)
+    return np.argsort(-var, axis=1, kind="stable")[:, :k]
+
+
+def channel_softmax(scores, /):
+    """``softmax_k(scores)`` over the channel axis of ``(B, C)`` scores (pytorch-grad-cam's Score-CAM weights)."""
+    xp = array_namespace(scores)
+    e = xp.exp(scores - xp.max(scores, axis=1, keepdims=True))
+    return e / xp.sum(e, axis=1, keepdims=True)
+
+
+def ablation_masks(channels, num_channels: int, rank: int, *, like):
+    """``(M, C, 1, ..., 1)`` masks of ones with a zero at each ``channels[m]`` (one sample's ``rank``-dim
+    activations are ``(C, *s)``); of ``like``'s namespace and device."""
+    xp = array_namespace(like)
+    m = np.ones((len(channels), num_channels), dtype=np.float32)
+    m[np.arange(len(channels)), np.asarray(channels, dtype=np.int64)] = 0
+    return xp.asarray(m.reshape(m.shape + (1,) * (rank - 1)), device=device(like))
+
+
+def check_options(method: str, hyper: dict, reshape) -> None:
+    """``ValueError``/``TypeError`` naming the option for a bad hyper-parameter of a gradient-free method."""
+    for key in ("batch_size", "num_samples"):
+        v = hyper.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key}: expected a positive int, got {v!r}")
+    top_k = hyper.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected None or a positive int (the number of channels to score), got {top_k!r}")
+    if hyper.get("weighting", WEIGHTINGS[0]) not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {hyper['weighting']!r}")
+    std = hyper.get("std", 0.0)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not np.isfinite(std) or std < 0:
+        raise ValueError(f"std: expected a finite float >= 0 (the noise's standard deviation), got {std!r}")
+    seed = hyper.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    if hyper.get("progress") not in (None, True, False):
+        raise ValueError(f"progress: expected None (a bar on terminals), True or False, got {hyper['progress']!r}")
+    if method == "ablationcam" and reshape is not None:
+        raise ValueError("reshape: 'ablationcam' zeroes channels of the layer's own output, so it does not take "
+                         "reshape= (token layers); use 'scorecam' or a gradient method there")
+
+
+# ------------------------------------------------------------------------------------------------ drivers
+def progress_bar(total: int, progress):
+    """A tqdm bar over ``total`` masked forwards when ``progress`` is True, or None and stderr is a terminal;
+    else a no-op object with ``update``/``close``."""
+    show = progress if progress is not None else sys.stderr.isatty()
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="camcore", unit="mask", leave=False)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def score_weights(adapter, inputs, a, host, classes, *, variant="scorecam", weighting="probability", top_k=None,
+                  num_samples=10, std=2.0, seed=0, batch_size=32, progress=None, info=None):
+    """``(B, C)`` Score-CAM / SS-CAM / IS-CAM weights (see the module docstring) of activations ``a``
+    (``(B, C, *s)``, ``host`` their NumPy copy) for ``inputs``.
+
+    ``classes``: one class index per sample, or a callable target (its scores are used as they are, also under
+    ``weighting="probability"``). ``variant``: ``"scorecam"``, ``"sscam"`` or ``"iscam"``.
+    """
+    xp = array_namespace(a)
+    b, c = a.shape[:2]
+    size = adapter.spatial_shape(inputs)
+    n = 1 if variant == "scorecam" else num_samples
+    chosen = (np.broadcast_to(np.arange(c), (b, c)) if top_k is None else top_variance_channels(host, top_k))
+    plans = []
+    for i in range(b):
+        if variant == "sscam":  # noisy masks are all different: no deduplication
+            keep, inverse = np.arange(len(chosen[i])), np.arange(len(chosen[i]))
+        else:
+            keep, inverse = distinct_channels(host[i, chosen[i]])
+        plans.append((chosen[i][keep], inverse))
+    bar = progress_bar(sum(len(k) for k, _ in plans) * n, progress)
+    rows = []
+    try:
+        for i, (channels, inverse) in enumerate(plans):
+            flat = []  # scores of (channel, sample) pairs, channel-major
+            for start in range(0, len(channels) * n, batch_size):
+                j = np.arange(start, min(start + batch_size, len(channels) * n))
+                masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
+                masks = _vary(masks, variant, j % n, channels[j // n], n, std, seed, i)
+                flat.append(adapter.forward_masked(
+                    inputs[i : i + 1], masks, targets=classes if callable(classes) else [classes[i]],
+                    batch_size=batch_size, probability=weighting == "probability", progress=bar.update, info=info)[0])
+            scores = xp.mean(xp.reshape(xp.concat(flat), (len(channels), n)), axis=1)
+            rows.append(xp.take(scores, xp.asarray(inverse, device=device(a)), axis=0))
+    finally:
+        bar.close()
+    if info is not None:
+        info["masked_forwards"] = info.get("masked_forwards", 0) + sum(len(k) for k, _ in plans) * n
+    return _scatter(xp, rows, chosen, c, a, weighting)
+
+
+def _vary(masks, variant, steps, channels, n, std, seed, sample):
+    """SS-CAM's noisy masks ``M_k + delta`` or IS-CAM's scaled masks ``(i/N) M_k`` for the given sample indices."""
+    xp = array_namespace(masks)
+    if variant == "iscam":
+        coeff = np.asarray((steps + 1) / n, dtype=np.float32).reshape((-1,) + (1,) * (masks.ndim - 1))
+        return masks * xp.asarray(coeff, device=device(masks))
+    if variant == "sscam":  # one generator per (seed, sample, channel, draw): the same noise at any batch_size
+        noise = np.stack([np.random.default_rng((seed, sample, int(k), int(s))).normal(0.0, std, masks.shape[1:])
+                          for k, s in zip(channels, steps)]).astype(np.float32)
+        return masks + xp.asarray(noise, device=device(masks))
+    return masks
+
+
+def _scatter(xp, rows, chosen, c, like, weighting):
+    """``(B, C)`` weights from each sample's scores of its chosen channels; unchosen channels weigh 0."""
+    scores = xp.stack(rows)  # (B, k)
+    if weighting == "channel-softmax":
+        scores = channel_softmax(scores)
+    if chosen.shape[1] == c and (chosen == np.arange(c)).all():
+        return scores
+    onehot = np.zeros((chosen.shape[0], chosen.shape[1], c), dtype=np.float32)
+    onehot[np.arange(chosen.shape[0])[:, None], np.arange(chosen.shape[1])[None, :], chosen] = 1
+    return xp.sum(scores[:, :, None] * xp.asarray(onehot, device=device(like)), axis=1)
+
+
+def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=32, progress=None, info=None):
+    """``(B, C)`` Ablation-CAM weights ``(y - y_k) / y`` for activations ``a`` (``(B, C, *s)``, ``host`` their NumPy
+    copy) at ``layer``; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in :func:`score_weights`."""
+    xp = array_namespace(a)
+    b, c = a.shape[:2]
+    yh = np.asarray(to_host(y), dtype=np.float64)
+    if (yh == 0).any():
+        raise ValueError(f"targets: the target score is exactly 0 for sample(s) {np.flatnonzero(yh == 0).tolist()}, "
+                         f"so Ablation-CAM's (y - y_k) / y is undefined; explain another target")
+    live = [np.flatnonzero(~(host[i].reshape(c, -1) == 0).all(axis=1)) for i in range(b)]
+    bar = progress_bar(sum(len(lv) for lv in live), progress)
+    rows = []
+    try:
+        for i in range(b):
+            ablated = np.full(c, float(yh[i]), dtype=np.float32)  # all-zero channels: ablation changes nothing
+            if len(live[i]):
+                masks = ablation_masks(live[i], c, a.ndim - 1, like=a)
+                got = adapter.forward_masked(inputs[i : i + 1], masks, at=layer,
+                                             targets=classes if callable(classes) else [classes[i]],
+                                             batch_size=batch_size, progress=bar.update, info=info)[0]
+                ablated[live[i]] = to_host(got)
+            rows.append((yh[i] - ablated.astype(np.float64)) / yh[i])
+    finally:
+        bar.close()
+    if info is not None:
+        info["masked_forwards"] = info.get("masked_forwards", 0) + sum(len(lv) for lv in live)
+    return xp.asarray(np.stack(rows).astype(np.float32), device=device(a))
