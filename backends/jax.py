@@ -72,6 +72,12 @@ never computes parameter gradients; the layers before it are evaluated once, as 
 Under ``jit``, give ``targets`` as Python ints (or ``None``/a callable): ``camcore.targets.check_targets``
 reads an array of targets on the host.
 
+**forward_masked** jits its passes and caches the compiled functions on the adapter (the model's variables are
+arguments, not constants baked into the executable), so repeated calls with the same shapes neither retrace nor
+recompile. For layer masks the layer's output at its last call is *replaced* by its activations from the unmasked
+pass times the mask: nothing depends on the layers before it any more and XLA's dead-code elimination drops them.
+A model that cannot be traced (a NumPy step inside) runs eagerly instead, with a warning.
+
 Eager calls run op by op, and the first call compiles every op for its shapes (tens of seconds for an
 EfficientNet on CPU, about a second per later call); for repeated use, jit the explain call as above.
 
@@ -84,13 +90,14 @@ import dataclasses
 import inspect
 import math
 import sys
+import warnings
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from camcore.targets import check_targets, class_indices, target_scores
+from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
 from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
 
@@ -131,9 +138,12 @@ def accepts(model) -> bool:
 
 
 # --------------------------------------------------------------------------------------- model kinds
-# Each kind exposes ``runner(eval_mode, wanted)``: a function ``run(x, hook)`` that calls the model once and,
-# after each call of a module in ``wanted`` (``None``: every module), replaces its output ``out`` by
-# ``hook(name, module_type, out)``. ``run`` is pure apart from the hook, so it runs under jax transforms.
+# Each kind exposes ``runner(eval_mode, wanted, parts=None)``: a function ``run(x, hook, state=None)`` that calls
+# the model once and, after each call of a module in ``wanted`` (``None``: every module), replaces its output ``out``
+# by ``hook(name, module_type, out)``. ``run`` is pure apart from the hook, so it runs under jax transforms.
+# ``split() -> (static, state)`` separates the model's arrays (``state``, passed to ``run`` as an argument of a
+# jitted function instead of being baked into it as constants) from a hashable rest (``static``: the nnx graphdef);
+# ``runner(..., parts=(static, None))`` builds a ``run`` for that structure that must be given its ``state``.
 
 
 class _Linen:
@@ -172,12 +182,16 @@ class _Linen:
             module = module.clone(**{f: _INFERENCE_ARGS[f] for f in fields})
         return module, kwargs
 
-    def runner(self, eval_mode: bool, wanted):
+    def split(self):
+        return None, self.variables
+
+    def runner(self, eval_mode: bool, wanted, parts=None):
         nn = _linen()
         module, kwargs = self._inference() if eval_mode else (self.module, {})
-        variables = self.variables
 
-        def run(x, hook):
+        def run(x, hook, state=None):
+            variables = self.variables if state is None else state
+
             def interceptor(next_fun, args, kw, context):
                 out = next_fun(*args, **kw)
                 path = context.module.path
@@ -246,13 +260,16 @@ class _Nnx:
             raise unknown_layer(name, list(paths))
         return name
 
-    def runner(self, eval_mode: bool, wanted):
+    def split(self):
+        return _nnx().split(self.model)
+
+    def runner(self, eval_mode: bool, wanted, parts=None):
         nnx = _nnx()
-        graphdef, state = nnx.split(self.model)  # outside any trace; the copy is merged inside `run`
+        graphdef, default = parts or nnx.split(self.model)  # outside any trace; the copy is merged inside `run`
         paths = [(n, p) for n, p in self.paths().items() if wanted is None or n in wanted]
 
-        def run(x, hook):
-            copy = nnx.merge(graphdef, state, copy=True)  # new Variables, owned by the current trace
+        def run(x, hook, state=None):
+            copy = nnx.merge(graphdef, default if state is None else state, copy=True)  # Variables of this trace
             if eval_mode:
                 copy.eval()
             sites = []
@@ -302,10 +319,13 @@ class _Pair:
                          f"of features(x)); got {layer!r}. Pass layer=None or {_PAIR_LAYER!r}, or split the "
                          f"model at another point")
 
-    def runner(self, eval_mode: bool, wanted):
+    def split(self):
+        return None, None
+
+    def runner(self, eval_mode: bool, wanted, parts=None):
         features, head = self.features, self.head
 
-        def run(x, hook):
+        def run(x, hook, state=None):
             a = features(x)
             if wanted is None or _PAIR_LAYER in wanted:
                 a = hook(_PAIR_LAYER, type(features), a)
@@ -435,6 +455,8 @@ class JaxAdapter:
             ``(B, *s, K)``; ``"channels_first"`` when both are ``(B, C, *S)``.
     """
 
+    _compile = True  # False: forward_masked runs the model eagerly (the "full" path), for benchmarks and debugging
+
     def __init__(self, model, *, model_mode: str = "eval", data_format: str | None = None):
         if model_mode not in _MODES:
             raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
@@ -448,6 +470,8 @@ class JaxAdapter:
         self._model = {"linen": lambda: _Linen(*model), "nnx": lambda: _Nnx(model),
                        "pair": lambda: _Pair(*model)}[kind]()
         self._last_trace: list[_Call] | None = None  # the latest abstract trace (all modules, call order)
+        self._jits: dict = {}  # forward_masked's jitted functions, by what they compute
+        self._no_jit: dict = {}  # why jit failed, per (layer or None, model_mode, static structure)
 
     @staticmethod
     def concrete(a) -> bool:
@@ -527,8 +551,8 @@ class JaxAdapter:
         return jnp.moveaxis(a, -1, 1) if self.channels_last and a.ndim == rank else a
 
     # ------------------------------------------------------------------------------------ the tracing
-    def _runner(self, wanted):
-        return self._model.runner(self.model_mode == "eval", wanted)
+    def _runner(self, wanted, parts=None):
+        return self._model.runner(self.model_mode == "eval", wanted, parts)
 
     def _trace(self, x) -> list[_Call]:
         """Every module call of one forward pass, in call-finish order, from an abstract trace."""
@@ -616,7 +640,8 @@ class JaxAdapter:
         return (outputs, [self._channels_first(a, x.ndim) for a in acts],
                 [self._channels_first(g, x.ndim) for g in grads])
 
-    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32):
+    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32, probability=False,
+                       progress=None, info=None):
         """Target scores of the model with masks multiplied into the inputs or into a layer's activations.
 
         Args:
@@ -628,6 +653,13 @@ class JaxAdapter:
             at: ``"input"``, or a layer whose output (at its last call) is multiplied by the mask.
             targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
             batch_size: masked copies run per forward pass; bounds peak memory.
+            probability: score class targets by their softmax probability (float32) instead of their logit.
+            progress: ``progress(n)`` is called after each forward pass with its number of masks.
+            info: a dict that receives ``"path"``: ``"compiled"`` for layer masks scored by a ``jax.jit``
+                function in which the layer's last-call output is replaced by the masked activations of the
+                unmasked pass (XLA then drops the layers before it), else ``"full"`` (the whole model per chunk,
+                jitted for input masks); and ``"reason"`` when jit failed and the model ran eagerly instead (a
+                ``RuntimeWarning`` says so too). The jitted functions are cached on the adapter.
         Returns: ``(B, M)`` float32 ``jax.Array``.
         """
         self.check_inputs(inputs)
@@ -637,34 +669,138 @@ class JaxAdapter:
         masks = jnp.asarray(masks, dtype=x.dtype)
         targets = check_targets(targets, b)
         name = None if isinstance(at, str) and at == "input" else self.resolve_layer(at)[0]
-        calls = self._trace(x)
+        info = {} if info is None else info
+        static, state = self._model.split()
+        family = (name, self.model_mode, static)
+        jit = {"on": self._compile and family not in self._no_jit}
+        if family in self._no_jit:  # it failed before, for this adapter: straight to the eager passes
+            self._fell_back(info, name, self._no_jit[family], stacklevel=3)
+
+        def jitted(call, eager, stacklevel):
+            """``call()`` (jitted), else ``eager()``; when only the eager one works, remember why and warn."""
+            failed = None
+            if jit["on"]:
+                try:
+                    return call()
+                except Exception as err:  # tracing or compiling failed (or the model raised: the eager pass tells)
+                    failed = err
+            result = eager()
+            if failed is not None:
+                jit["on"] = False
+                self._no_jit[family] = _reason(failed)
+                self._fell_back(info, name, self._no_jit[family], stacklevel)
+            return result
+
+        plain, acts, n_calls = None, None, 0
+        if name is not None or targets is None:  # the unmasked pass: the layer's last call, the top classes
+            plain, acts, calls = jitted(lambda: self._probe_jit(name, static, state, x),
+                                        lambda: self._probe_eager(name, x), stacklevel=4)
         if name is None:
             sample = tuple(x.shape[1:])
-            run = self._runner(set())
         else:
             n_calls, spec = self._last_calls(calls, [name], what="at")[name]
             sample = tuple(spec.shape[1:])
-            run = self._runner({name})
         rank = len(sample)
         feature_map = self.channels_last and rank == x.ndim - 1
         per_sample = check_masks(masks.shape, b, (b, *(sample[-1:] + sample[:-1] if feature_map else sample)), at)
-        if feature_map:
-            masks = jnp.moveaxis(masks, -rank, -1)  # one sample's channel axis -> last, as the model has it
+        # a chunk's channel axis goes last, as the model has it, inside the jitted functions (no extra dispatch)
 
-        idx = None
-        if not callable(targets):  # top classes / range check on the unmasked inputs
-            idx = class_indices(targets, run(x, lambda n, c, out: out))
+        idx, checked = targets, [callable(targets)]
+        if not callable(targets) and plain is not None:  # top classes / range check on the unmasked outputs
+            idx, checked[0] = _class_indices(targets, plain), True
+            idx = np.asarray(idx).tolist() if self.concrete(idx) else idx
+        made: dict = {}  # built on first use: the eager runner, the jitted chunk function, each sample's slices
+
+        def sample_of(i):
+            if i not in made:
+                made[i] = tuple(None if a is None else a if b == 1 else a[i : i + 1] for a in (x, acts))
+            return made[i]
+
+        def eager(i, chunk):
+            xi, m = sample_of(i)[0], chunk.shape[0]
+            chunk = jnp.moveaxis(chunk, 1, -1) if feature_map else chunk
+            run = made["run"] = made.get("run") or self._runner(set() if name is None else {name}, (static, state))
+            if name is None:
+                return run(xi * chunk, None), None
+            return run(jnp.broadcast_to(xi, (m, *xi.shape[1:])), _masking_hook(chunk, n_calls)), None
+
+        def compiled(i, chunk):
+            if "fn" not in made:
+                made["fn"] = self._chunk_jit(name, n_calls, static, probability, not callable(targets), feature_map)
+            index = None if callable(targets) else np.int32(idx[i]) if isinstance(idx, list) else idx[i]
+            return made["fn"](state, *sample_of(i), chunk, index)
 
         def score(i, chunk):
-            xi, m = x[i : i + 1], chunk.shape[0]
-            if name is None:
-                out = run(xi * chunk, None)
-            else:
-                out = run(jnp.broadcast_to(xi, (m, *xi.shape[1:])), _masking_hook(chunk, n_calls))
-            return target_scores(targets, out, m)[0] if idx is None else out[:, idx[i]]
+            out, scores = jitted(lambda: compiled(i, chunk), lambda: eager(i, chunk), stacklevel=6)
+            m = chunk.shape[0]
+            if callable(targets):
+                return target_scores(targets, out, m)[0]
+            if not checked[0]:  # class indices given: range-check them against the first chunk's outputs' shape
+                _class_indices(targets, out)
+                checked[0] = True
+            return class_scores(out, idx[i], probability=probability) if scores is None else scores
 
-        rows = masked_rows(masks, b, per_sample, batch_size, score)
-        return jnp.stack([jnp.concatenate(row) for row in rows]).astype(jnp.float32)
+        rows = masked_rows(masks, b, per_sample, batch_size, score, progress)
+        info["path"] = "compiled" if name is not None and jit["on"] else "full"
+        joined = [jnp.concatenate(row) if len(row) > 1 else row[0] for row in rows]
+        return (jnp.stack(joined) if b > 1 else joined[0][None]).astype(jnp.float32)
+
+    def _probe_eager(self, name, x):
+        """``(outputs, the layer's last-call output, [_Call per call of the layer])`` of one eager forward pass."""
+        calls, outs = [], []
+        plain = self._runner(set() if name is None else {name})(x, _recording_hook(calls, outs))
+        return plain, outs[-1] if outs else None, calls
+
+    def _probe_jit(self, name, static, state, x):
+        """:meth:`_probe_eager` as a cached ``jax.jit`` function, one per layer and input shape (the calls of the
+        layer are recorded while it is traced)."""
+        key = ("probe", name, self.model_mode, static, tuple(x.shape), x.dtype)
+        if key not in self._jits:
+            run, meta = self._runner(set() if name is None else {name}, (static, None)), {"calls": []}
+
+            def probe(state, x):
+                calls, outs = [], []
+                plain = run(x, _recording_hook(calls, outs), state)
+                meta["calls"] = calls
+                return _arrays_only(plain), outs[-1] if outs and isinstance(outs[-1], jax.Array) else None
+
+            self._jits[key] = (jax.jit(probe), meta)
+        fn, meta = self._jits[key]
+        plain, last = fn(state, x)
+        return plain, last, meta["calls"]
+
+    def _chunk_jit(self, name, n_calls, static, probability, class_targets, feature_map):
+        """The cached ``jax.jit`` function ``f(state, x_i, A_i, masks, index) -> (outputs, scores or None)`` that
+        scores one chunk. Input masks: the model on ``x_i * masks``. Layer masks: the model on ``x_i`` tiled to
+        the chunk, with the layer's output at its last call replaced by ``A_i * masks``; no output depends on the
+        layers before it any more (but for skip connections), so XLA's dead-code elimination drops them.
+        ``scores`` are class ``index``'s (logit or probability) when the outputs are ``(M, K)`` logits.
+        ``feature_map``: the masks' channel axis (1) moves last, to the model's layout."""
+        key = ("chunk", name, n_calls, self.model_mode, static, probability, class_targets, feature_map)
+        if key not in self._jits:
+            run = self._runner(set() if name is None else {name}, (static, None))
+
+            def chunk_scores(state, xi, a, mask, index):
+                mask = jnp.moveaxis(mask, 1, -1) if feature_map else mask  # channels-first masks -> the model's
+                if name is None:
+                    out = run(xi * mask, None, state)
+                else:
+                    out = run(jnp.broadcast_to(xi, (mask.shape[0], *xi.shape[1:])), _replacing_hook(a, mask, n_calls),
+                              state)
+                logits = class_targets and isinstance(out, jax.Array) and out.ndim == 2
+                return out, class_scores(out, index, probability=probability) if logits else None
+
+            self._jits[key] = jax.jit(chunk_scores)
+        return self._jits[key]
+
+    @staticmethod
+    def _fell_back(info, name, reason, stacklevel):
+        """Record (``info["reason"]``) and warn that the eager passes ran instead of the jitted ones."""
+        info["reason"] = reason
+        what = "the masked model" if name is None else f"only the layers after {name!r}"
+        warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: "
+                      f"slower, same scores) instead of jitting {what}; {reason}", RuntimeWarning,
+                      stacklevel=stacklevel)
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the last
@@ -676,13 +812,58 @@ class JaxAdapter:
 
 
 def _masking_hook(mask, n_calls):
+    """Multiply the layer's output by ``mask`` at its ``n_calls``-th (last) call."""
     seen = [0]
 
     def hook(name, cls, out):
         seen[0] += 1
-        return out * mask if seen[0] == n_calls else out
+        return out * mask.astype(out.dtype) if seen[0] == n_calls else out
 
     return hook
+
+
+def _replacing_hook(a, mask, n_calls):
+    """Replace the layer's output by ``a * mask`` at its ``n_calls``-th (last) call: the output no longer
+    depends on what computed it."""
+    seen = [0]
+
+    def hook(name, cls, out):
+        seen[0] += 1
+        if seen[0] != n_calls:
+            return out
+        return jnp.broadcast_to(a * mask.astype(a.dtype), out.shape).astype(out.dtype)
+
+    return hook
+
+
+def _recording_hook(calls, outs):
+    """Record each call of the layer (``_Call``) and its output; change nothing."""
+
+    def hook(name, cls, out):
+        spec = jax.ShapeDtypeStruct(out.shape, out.dtype) if isinstance(out, jax.Array) else None
+        calls.append(_Call(name, cls, spec, type(out).__name__))
+        outs.append(out)
+        return out
+
+    return hook
+
+
+def _class_indices(targets, outputs):
+    """Each sample's class index (the top class for ``targets=None``), checked against the ``(B, K)`` outputs; a
+    model that does not return one array of logits gets ``target_scores``' error. Given indices are checked
+    against the outputs' shape only (a NumPy stand-in: no device work) and returned as they are."""
+    if not hasattr(outputs, "ndim"):
+        target_scores(targets, outputs, 0)  # raises: the model returned ..., not one array of logits
+    if targets is None:
+        return class_indices(targets, outputs)
+    class_indices(targets, np.broadcast_to(np.float32(0), outputs.shape))
+    return targets
+
+
+def _reason(err) -> str:
+    """A one-line reason: jit-compiling the model raised ``err``."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"jit-compiling the model raised {type(err).__name__}: {first}"
 
 
 def _as_jax(inputs):

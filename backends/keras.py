@@ -7,6 +7,11 @@ a wrapper that records its output and tells the tape to watch it; the original m
 target are not recorded and ``tape.gradient`` differentiates only the layers after it, w.r.t. the activations
 and never the weights.
 
+``forward_masked`` runs its masked passes as ``tf.function`` graphs cached on the adapter. For layer masks the
+layer's output at its last call is *replaced* by its activations from the unmasked pass times the mask, so the
+graph no longer needs the layers before it and TensorFlow prunes them: only the layers after the target run per
+chunk of masks. A model that cannot be traced runs eagerly (with a warning).
+
 TensorFlow is not covered by the Array API, so the adapter hands the core NumPy arrays, channels-first
 ``(B, C, *S)``; ``explain`` then returns a ``tf.Tensor`` for ``tf.Tensor`` inputs and NumPy for NumPy inputs.
 
@@ -16,12 +21,14 @@ unique, or by its path ``"outer/inner"`` (Keras forbids ``"/"`` in names, so pat
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from camcore.targets import check_targets, class_indices, target_scores
+from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
 from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
 
@@ -56,6 +63,44 @@ def _numpy(tree):
     return tf.nest.map_structure(lambda t: t.numpy() if tf.is_tensor(t) else t, tree)
 
 
+def _class_list(targets, outputs) -> list[int]:
+    """Each sample's class index (the top class for ``targets=None``), checked against the ``(B, K)`` NumPy
+    outputs; a model that does not return one array of logits gets ``target_scores``' error."""
+    if not hasattr(outputs, "ndim"):
+        target_scores(targets, outputs, 0)  # raises: the model returned ..., not one array of logits
+    return class_indices(targets, outputs).tolist()
+
+
+def _reason(err) -> str:
+    """A one-line reason: tracing the model as a tf.function raised ``err``. AutoGraph's "in user code:" listing
+    and Keras' "Exception encountered when calling ..." header are skipped to the message itself; terminal colour
+    codes are dropped."""
+    name = type(err).__name__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if ln.strip()]
+    start = next((k for k, ln in enumerate(lines) if ln.startswith(f"{name}: ")), None)
+    if start is not None:  # AutoGraph: the source lines first, then "Name: message"
+        lines = [lines[start][len(name) + 2 :], *lines[start + 1 :]]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        lines = [f"{lines[1]} ({lines[0].removeprefix('Exception encountered when calling ').rstrip('.')})"]
+    return f"tracing the model as a tf.function raised {name}: {lines[0] if lines else ''}"
+
+
+def _at_last_call(n_calls, change):
+    """A wrapper factory for :func:`_intercepted` that replaces the layer's output ``out`` by ``change(out)`` at
+    its ``n_calls``-th call of the forward pass (its last one) and leaves the other calls alone."""
+    seen = [0]
+
+    def wrap(i, call):
+        def changed(*args, **kwargs):
+            out = call(*args, **kwargs)
+            seen[0] += 1
+            return change(out) if seen[0] == n_calls else out
+
+        return changed
+
+    return wrap
+
+
 @contextlib.contextmanager
 def _intercepted(layers, wrap):
     """Replace ``layer.call`` by ``wrap(i, original_call)`` for each layer; always restore it."""
@@ -86,6 +131,8 @@ class KerasAdapter:
             layer that has a ``data_format`` (else ``keras.config.image_data_format()``).
     """
 
+    _compile = True  # False: forward_masked runs the model eagerly (the "full" path), for benchmarks and debugging
+
     def __init__(self, model, *, model_mode: str = "eval", data_format: str | None = None):
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(f"model: camcore's Keras adapter needs the TensorFlow backend of Keras 3, but "
@@ -96,6 +143,7 @@ class KerasAdapter:
         self.model = model
         self.model_mode = model_mode
         self.channels_last = check_data_format(data_format, _model_format(model))
+        self._graphs: dict = {}  # forward_masked's cached tf.functions (or why one failed), per layer and call count
 
     # ----------------------------------------------------------------------------------------- layers
     def layer_names(self) -> list[str]:
@@ -199,7 +247,10 @@ class KerasAdapter:
         unbuilt model is first built symbolically, so its variables exist (at their initial values) to save."""
         if not self.model.built:
             self.model(keras.KerasTensor((None, *x.shape[1:]), dtype=x.dtype.name))
-        saved = [(v, v.numpy()) for v in self.model.non_trainable_variables]
+        saved = []
+        for v in self.model.non_trainable_variables:
+            tv = getattr(v, "value", None)  # the tf.Variable behind a Keras variable: a snapshot stays on device
+            saved.append((tv, tv.read_value()) if isinstance(tv, tf.Variable) else (v, v.numpy()))
         try:
             yield
         finally:
@@ -268,7 +319,8 @@ class KerasAdapter:
         return (_numpy(outputs), [self._channels_first(a, rank) for a in acts],
                 [self._channels_first(tf.convert_to_tensor(g), rank) for g in grads])
 
-    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32):
+    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32, probability=False,
+                       progress=None, info=None):
         """Target scores with masks multiplied into the inputs or into a layer's activations.
 
         Args:
@@ -276,9 +328,17 @@ class KerasAdapter:
             masks: ``(M, *shape)`` shared by all samples or ``(B, M, *shape)`` per sample, channels-first:
                 ``shape`` broadcasts against one sample at ``at`` in the ``(C, *S)`` convention, e.g.
                 ``(1, H, W)`` spatial masks or ``(C, 1, 1)`` channel masks (moved to the model's layout here).
-            at: ``"input"``, or a layer (name, path or object) whose output is multiplied by the mask.
+            at: ``"input"``, or a layer (name, path or object) whose output, at its last call, is multiplied by
+                the mask.
             targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
             batch_size: masked copies per forward pass; bounds peak memory.
+            probability: score class targets by their softmax probability (float32) instead of their logit.
+            progress: ``progress(n)`` is called after each forward pass with its number of masks.
+            info: a dict that receives ``"path"``: ``"compiled"`` for layer masks run by a ``tf.function`` in
+                which the layer's output is replaced by the masked activations of the unmasked pass (graph
+                pruning then drops the layers before it), else ``"full"`` (the whole model per chunk, a cached
+                ``tf.function`` for input masks); and ``"reason"`` when the graph could not be used (a
+                ``RuntimeWarning`` says so too) and the model ran eagerly instead.
         Returns: ``(B, M)`` float32 NumPy scores.
         """
         x = self._tensor(inputs)
@@ -286,45 +346,143 @@ class KerasAdapter:
         b = x.shape[0]
         masks = np.asarray(masks)
         targets = check_targets(targets, b)
-        named = None if at == "input" else self.resolve_layer(at)
-        current: dict[str, tf.Tensor] = {}
-        probe: list[tuple] = []
-
-        def wrap(i, call):
-            def masking(*args, **kwargs):
-                out = call(*args, **kwargs)
-                if "mask" not in current:  # the unmasked probe pass: learn the shape at `at`
-                    probe.append(tuple(out.shape))
-                    return out
-                return out * tf.cast(current["mask"], out.dtype)
-
-            return masking
-
-        layers = [] if named is None else [named[1]]
-        with self._session(x), _intercepted(layers, wrap):
-            plain = self._call(x)
-            idx = None if callable(targets) else target_scores(targets, _numpy(plain), b)[1]
-            if named is not None and not probe:
-                raise ValueError(f"at: layer {named[0]!r} did not run during the forward pass of the inputs")
-            at_shape = tuple(x.shape) if named is None else probe[-1]
+        named = None if isinstance(at, str) and at == "input" else self.resolve_layer(at)
+        info = {} if info is None else info
+        with self._session(x):
+            plain, acts, n_calls, untraceable = None, None, 0, None
+            if named is not None or targets is None:  # the unmasked pass: the shape at `at`, the top classes
+                plain, acts, n_calls, untraceable = self._probe(x, named)
+            at_shape = tuple(x.shape) if named is None else tuple(acts.shape)
             feature_map = self.channels_last and len(at_shape) == x.shape.rank
             at_shape = (at_shape[0], at_shape[-1], *at_shape[1:-1]) if feature_map else at_shape
             per_sample = check_masks(masks.shape, b, at_shape, at)
             masks = np.moveaxis(masks, 2 if per_sample else 1, -1) if feature_map else masks
+            idx = None if callable(targets) or plain is None else _class_list(targets, _numpy(plain))
+            checked = [idx is not None]  # explicit class indices are range-checked on the first chunk's outputs
+
+            def pick(i, out, m):
+                if callable(targets):
+                    return np.asarray(target_scores(targets, out, m)[0], dtype=np.float32)
+                out = _numpy(out)
+                if not checked[0]:
+                    _class_list(targets, out)
+                    checked[0] = True
+                return class_scores(out, (targets if idx is None else idx)[i], probability=probability)
+
+            def full(i, chunk):
+                xi, m = x[i : i + 1], chunk.shape[0]
+                if named is None:
+                    return self._call(xi * tf.cast(chunk, xi.dtype))
+                mask = lambda out: out * tf.cast(chunk, out.dtype)  # noqa: E731
+                with _intercepted([named[1]], _at_last_call(n_calls, mask)):
+                    return self._call(tf.repeat(xi, m, axis=0))
+
+            key = ("input",) if named is None else ("layer", id(named[1]), n_calls)
+            graph = untraceable or self._graph(key, named, n_calls)
+            run = {"graph": graph if callable(graph) else None}
+            if isinstance(graph, str):  # it failed (before, or in the probe pass): straight to the eager passes
+                self._fell_back(info, named, graph, stacklevel=3)
 
             def score(i, chunk):
-                xs = tf.repeat(x[i : i + 1], chunk.shape[0], axis=0)
-                if named is None:
-                    out = self._call(xs * tf.cast(chunk, xs.dtype))
-                else:
-                    current["mask"] = chunk
-                    out = self._call(xs)
-                scores = (target_scores(targets, out, chunk.shape[0])[0] if callable(targets)
-                          else out[:, int(idx[i])])
-                return np.asarray(scores, dtype=np.float32)
+                out = failed = None
+                if run["graph"] is not None:
+                    xi = x if b == 1 else x[i : i + 1]
+                    args = (xi, tf.convert_to_tensor(chunk)) if named is None else \
+                        (xi, acts if b == 1 else acts[i : i + 1], tf.convert_to_tensor(chunk))
+                    try:
+                        out = run["graph"](*args)
+                    except Exception as err:  # tracing failed (or the model raised: the eager pass tells)
+                        failed = err
+                if run["graph"] is None or failed is not None:
+                    out = full(i, chunk)
+                if failed is not None:  # the eager pass worked: the graph was the problem
+                    run["graph"] = None
+                    self._graphs[key] = _reason(failed)
+                    self._fell_back(info, named, self._graphs[key], stacklevel=5)
+                return pick(i, out, chunk.shape[0])
 
-            rows = masked_rows(masks, b, per_sample, batch_size, score)
+            rows = masked_rows(masks, b, per_sample, batch_size, score, progress)
+        info["path"] = "compiled" if named is not None and run["graph"] is not None else "full"
         return np.stack([np.concatenate(row) for row in rows])
+
+    def _probe(self, x, named):
+        """The unmasked forward pass: ``(outputs, activations of the layer's last call, its number of calls,
+        None or why the graph failed)``; a cached ``tf.function`` (one per layer and input shape: the call count
+        is read while it is traced), or eager when graphs are off or fail."""
+        key = ("probe", None if named is None else id(named[1]), tuple(x.shape), x.dtype.name)
+        graph, failed = (self._graphs.get(key) if self._compile else "off"), None
+        if graph is None:
+            meta: dict = {}
+
+            def probe_graph(x):
+                plain, seen = self._recorded(x, named)
+                meta.update(n=len(seen), last=seen[-1] if seen else None)
+                return plain, seen[-1] if seen and tf.is_tensor(seen[-1]) else None
+
+            graph = self._graphs[key] = (tf.function(probe_graph), meta)
+        if isinstance(graph, tuple):
+            try:
+                plain, last = graph[0](x)
+                n_calls, seen = graph[1]["n"], [graph[1]["last"]] if graph[1]["n"] else []
+            except Exception as err:  # tracing failed (or the model raised: the eager pass tells)
+                failed = err
+        if not isinstance(graph, tuple) or failed is not None:
+            plain, seen = self._recorded(x, named)
+            n_calls, last = len(seen), seen[-1] if seen else None
+        if named is not None:
+            if not seen:
+                raise ValueError(f"at: layer {named[0]!r} did not run during the forward pass of the inputs")
+            if not tf.is_tensor(seen[-1]):
+                raise TypeError(f"at: {named[0]!r} returns {type(seen[-1]).__name__}, not a tensor; pick a layer "
+                                f"whose output is one tensor")
+        if failed is not None:  # the eager pass worked: the graph was the problem
+            self._graphs[key] = _reason(failed)
+        reason = self._graphs[key] if isinstance(self._graphs.get(key), str) else None
+        return plain, last, n_calls, reason
+
+    def _recorded(self, x, named):
+        """``(outputs, [the layer's output at each call])`` of one unmasked forward pass."""
+        seen = []
+
+        def wrap(i, call):
+            def recording(*args, **kwargs):
+                out = call(*args, **kwargs)
+                seen.append(out)
+                return out
+
+            return recording
+
+        with _intercepted([] if named is None else [named[1]], wrap):
+            return self._call(x), seen
+
+    def _graph(self, key, named, n_calls):
+        """The cached ``tf.function`` scoring one chunk (``None`` when graphs are off; the reason string when it
+        failed before). Input masks: ``f(x_i, masks) = model(x_i * masks)``. Layer masks:
+        ``f(x_i, A_i, masks)`` runs the model on ``x_i`` tiled to the chunk with the layer's last-call output
+        replaced by ``A_i * masks``: nothing depends on the layers before it any more (unless a skip connection
+        does), so TensorFlow prunes them from the graph. Traced once per chunk shape."""
+        if not self._compile:
+            return None
+        if key not in self._graphs:
+            if named is None:
+                def chunk_graph(xi, mask):
+                    return self._call(xi * tf.cast(mask, xi.dtype))
+            else:
+                def chunk_graph(xi, a, mask):
+                    replace = lambda out: a * tf.cast(mask, a.dtype)  # noqa: E731
+                    with _intercepted([named[1]], _at_last_call(n_calls, replace)):
+                        return self._call(tf.repeat(xi, mask.shape[0], axis=0))
+            self._graphs[key] = tf.function(chunk_graph)
+        return self._graphs[key]
+
+    @staticmethod
+    def _fell_back(info, named, reason, stacklevel):
+        """Record (``info["reason"]``) and warn that the eager passes ran instead of the graph."""
+        info["reason"] = reason
+        what = "the masked model" if named is None else f"only the layers after {named[0]!r}"
+        warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: "
+                      f"slower, same scores) instead of {what} in a tf.function; {reason}", RuntimeWarning,
+                      stacklevel=stacklevel)
 
     def linear_classifier(self, name=None):
         """``(name, W (K, C), b (K,) or None)`` as NumPy, of the ``Dense`` layer named ``name`` or of the

@@ -296,8 +296,9 @@ class TorchAdapter:
             ones = torch.ones((1, *[1] * (inputs.ndim - 1)), dtype=inputs.dtype, device=inputs.device)
             got, want = tail(0, inputs[:1], ones), plain
             got_leaves, want_leaves = _tensors(got), _tensors(want)
-            same = len(got_leaves) == len(want_leaves) and all(
-                g.shape == w[:1].shape and torch.allclose(g.float(), w[:1].float(), rtol=1e-4, atol=1e-5)
+            same = len(got_leaves) == len(want_leaves) and all(  # float32 rounding, relative to each output
+                g.shape == w[:1].shape and bool(((g.float() - w[:1].float()).abs()
+                                                 <= 1e-4 * (1 + w[:1].float().abs().max())).all())
                 for g, w in zip(got_leaves, want_leaves))
             if not same:
                 raise RuntimeError("the traced graph does not reproduce the model's outputs")

@@ -34,9 +34,10 @@ class _Tracer(fx.Tracer):
         return m is self.target or super().is_leaf_module(m, qualname)
 
 
-def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """``(prefix, tail)`` graph modules of ``model`` cut after the last call of ``module`` (see the module
-    docstring). Raises whatever ``torch.fx`` raises for an untraceable model, or ``RuntimeError`` when the traced
+def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphModule, fx.GraphModule, list]:
+    """``(prefix, tail, computed)`` graph modules of ``model`` cut after the last call of ``module`` (see the
+    module docstring); ``computed[j]`` says whether frontier value ``j`` (after ``A``) is computed (it may be
+    changed in place by the tail, so each tail call needs its own copy) rather than a parameter or buffer. Raises whatever ``torch.fx`` raises for an untraceable model, or ``RuntimeError`` when the traced
     graph does not call ``module``."""
     graph = _Tracer(module).trace(model)
     nodes = list(graph.nodes)
@@ -62,7 +63,7 @@ def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphM
     env = {n: tail.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
     for n in rest:
         env[n] = tail.node_copy(n, lambda a: env[a])
-    return prefix_module, fx.GraphModule(model, tail)
+    return prefix_module, fx.GraphModule(model, tail), [n.op != "get_attr" for n in frontier[1:]]
 
 
 class Tail:
@@ -73,13 +74,16 @@ class Tail:
     sample (cached by ``i``); the tail runs under ``torch.func.vmap`` over the masks."""
 
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module):
-        self.prefix, self.tail = split_at(model, module)
+        self.prefix, self.tail, self._computed = split_at(model, module)
         self._sample: tuple | None = None
 
     def __call__(self, i: int, x, masks):
         if self._sample is None or self._sample[0] != i:
             self._sample = (i, *self.prefix(x))
         _, act, *frontier = self._sample
+        # a fresh copy of each computed value per call: the tail may change them in place (x += skip)
+        frontier = [f.clone() if computed and isinstance(f, torch.Tensor) else f
+                    for f, computed in zip(frontier, self._computed)]
         out = torch.func.vmap(lambda mask: self.tail(act * mask, *frontier))(masks)
         return _merge_example_dim(out)  # every output leaf is (M, 1, ...): one example per mask
 

@@ -15,8 +15,10 @@ Side by side in one process, same layer (``_conv_head``, 1280 channels, the last
   whose masks are all the same zero mask and are scored once) vs the floor for all 1280 channels.
 
 Each peer gets its own deep copy of the model (their hooks stay on it). Wall times: median of ``--repeats``
-runs after one warm-up, alternating order. Peak memory: one child process holding all runners, with a fixed
-glibc mmap threshold, VmHWM reset before each run (see ``memprobe.py``); one measured run per runner.
+runs in alternating order, after one warm-up forward pass of each model (a run takes a minute per photo, so
+start-up effects are negligible and no whole run is spent on warming up). Peak memory: one child process
+holding all runners, with a fixed glibc mmap threshold, VmHWM reset before each run (see ``memprobe.py``);
+one measured run per runner. The peers' own tqdm bars go to stderr.
 """
 from __future__ import annotations
 
@@ -78,18 +80,18 @@ def make_runners(model, x, batch_size: int):
                 for start in range(0, channels, batch_size):
                     model(chunk[: min(batch_size, channels - start)])
 
-    def drop(key):
-        return lambda: results.pop(key, None)
+    def keep():  # results are one small map per photo: kept, to compare them after timing
+        return None
 
     runners = {
-        "camcore ablation": (camcore_run("ablationcam", LAYER, "camcore ablation"), drop("camcore ablation")),
-        "pgc ablation": (pgc_run(pgc_abl, "pgc ablation"), drop("pgc ablation")),
-        "camcore score": (camcore_run("scorecam", LAYER, "camcore score"), drop("camcore score")),
-        "pgc score": (pgc_run(pgc_score, "pgc score"), drop("pgc score")),
-        "torchcam score": (tc_run, drop("torchcam score")),
+        "camcore ablation": (camcore_run("ablationcam", LAYER, "camcore ablation"), keep),
+        "pgc ablation": (pgc_run(pgc_abl, "pgc ablation"), keep),
+        "camcore score": (camcore_run("scorecam", LAYER, "camcore score"), keep),
+        "pgc score": (pgc_run(pgc_score, "pgc score"), keep),
+        "torchcam score": (tc_run, keep),
         "floor": (floor, lambda: None),
         "camcore score _swish": (camcore_run("scorecam", "_swish", "camcore score _swish"),
-                                 drop("camcore score _swish")),
+                                 keep),
     }
     return runners, results, infos
 
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # memprobe's children pass --batch
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_fresh", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -112,8 +114,9 @@ def main(argv=None) -> None:
 
     model, x = setup(photos)
     runners, results, infos = make_runners(model, x, args.batch_size)
-    for run, _ in runners.values():  # warm-up, and the results to compare
-        run()
+    with torch.no_grad():
+        model(x)  # warm-up
+    times, _, _ = measure(runners, args.repeats, None)
     print(f"EfficientNet-Lite0, {photos} photo(s) {tuple(x.shape)}, layer {LAYER!r} (1280 channels), batch_size "
           f"{args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for key in ("camcore ablation", "camcore score", "camcore score _swish"):
@@ -121,13 +124,11 @@ def main(argv=None) -> None:
     pg = results["pgc ablation"]
     print(f"  max |camcore - pgc| ablation maps: {np.abs(results['camcore ablation'].numpy() - pg).max():.3g} "
           f"(pgc ablates with min(A) - 1e7 where min(A) != 0 and resizes with cv2; see tests for the parity)")
-    keep = {k: v for k, v in runners.items()}
-    times, _, _ = measure(keep, args.repeats, None)
-    mems, _, how = cpu_memory(__file__, list(keep), photos, 1, 1)
+    mems, _, how = cpu_memory(__file__, list(runners), photos, 1, 0)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: statistics.median(v) for k, v in mems.items()}
     print(f"  peak memory: {how}")
-    for k in keep:
+    for k in runners:
         print(f"  {k:22s} {med[k]:8.2f} s   peak {peak[k]:8.1f} MiB   samples {[round(t, 2) for t in times[k]]}")
 
     def ratio(a, b, target, op):

@@ -70,7 +70,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
                          f"use a gradient method such as 'gradcam'")
     if spec.perturbation:
-        P.check_options(spec.name, hyper, opts["reshape"])
+        hyper = P.check_options(spec.name, hyper, opts["reshape"])
     if spec.name != "cam" and (opts["classifier"] is not None or opts["cam_weights"] is not None):
         raise TypeError(f"explain: 'classifier' and 'cam_weights' apply to method='cam' only, not {spec.name!r}")
 

@@ -22,6 +22,7 @@ Identical masks (constant channels, duplicated channels) are scored once per sam
 """
 from __future__ import annotations
 
+import numbers
 import sys
 
 import numpy as np
@@ -78,28 +79,34 @@ def ablation_masks(channels, num_channels: int, rank: int, *, like):
     return xp.asarray(m.reshape(m.shape + (1,) * (rank - 1)), device=device(like))
 
 
-def check_options(method: str, hyper: dict, reshape) -> None:
-    """``ValueError``/``TypeError`` naming the option for a bad hyper-parameter of a gradient-free method."""
+def check_options(method: str, hyper: dict, reshape) -> dict:
+    """``hyper`` with integer options as Python ints; ``ValueError`` naming the option for a bad hyper-parameter
+    of a gradient-free method."""
     for key in ("batch_size", "num_samples"):
         v = hyper.get(key, 1)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not _is_int(v) or v < 1:
             raise ValueError(f"{key}: expected a positive int, got {v!r}")
     top_k = hyper.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected None or a positive int (the number of channels to score), got {top_k!r}")
     if hyper.get("weighting", WEIGHTINGS[0]) not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {hyper['weighting']!r}")
     std = hyper.get("std", 0.0)
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not np.isfinite(std) or std < 0:
+    if isinstance(std, (bool, np.bool_)) or not isinstance(std, numbers.Real) or not np.isfinite(std) or std < 0:
         raise ValueError(f"std: expected a finite float >= 0 (the noise's standard deviation), got {std!r}")
     seed = hyper.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    if hyper.get("progress") not in (None, True, False):
+    if not (hyper.get("progress") is None or isinstance(hyper["progress"], bool)):
         raise ValueError(f"progress: expected None (a bar on terminals), True or False, got {hyper['progress']!r}")
     if method == "ablationcam" and reshape is not None:
         raise ValueError("reshape: 'ablationcam' zeroes channels of the layer's own output, so it does not take "
                          "reshape= (token layers); use 'scorecam' or a gradient method there")
+    return {k: int(v) if _is_int(v) else v for k, v in hyper.items()}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------------------------------------ drivers

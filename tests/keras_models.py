@@ -328,3 +328,67 @@ def tiny_vit(seed=0):
     h = L.Dense(12, activation="gelu", name="mlp")(h)
     h = L.Lambda(lambda t: t[:, 0], name="take_cls")(h)
     return keras.Model(inp, L.Dense(10, name="head")(h))
+
+
+class RunCounter(keras.layers.Layer):
+    """Identity that records the batch size of every forward pass that runs it, eager or inside a ``tf.function``
+    graph (a ``tf.py_function`` runs at each execution, not only while tracing)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batches: list[int] = []
+
+    def _record(self, n):
+        self.batches.append(int(n))
+        return n
+
+    def call(self, x):
+        n = tf.py_function(self._record, [tf.shape(x)[0]], tf.int32)
+        with tf.control_dependencies([n]):
+            return tf.identity(x)
+
+
+def counted(seed=0):
+    """Input -> RunCounter -> conv -> relu -> gap -> fc (4 logits); ``counter.batches`` lists every forward pass."""
+    keras.utils.set_random_seed(seed)
+    counter = RunCounter(name="counter")
+    inp = keras.Input((16, 16, 3))
+    h = L.ReLU(name="relu")(L.Conv2D(6, 3, padding="same", name="conv")(counter(inp)))
+    return keras.Model(inp, L.Dense(4, name="fc")(L.GlobalAveragePooling2D(name="gap")(h))), counter
+
+
+def skip_net(seed=0):
+    """A skip connection around the target ``relu1``: conv1 -> relu1 -> conv2, then ``add([conv2, conv1])`` ->
+    relu -> gap -> fc (5 logits). Masking ``relu1`` leaves the skip branch (conv1's output) as it is."""
+    keras.utils.set_random_seed(seed)
+    lay = {"conv1": L.Conv2D(6, 3, padding="same", name="conv1"), "relu1": L.ReLU(name="relu1"),
+           "conv2": L.Conv2D(6, 3, padding="same", name="conv2"), "add": L.Add(name="add"),
+           "relu2": L.ReLU(name="relu2"), "gap": L.GlobalAveragePooling2D(name="gap"), "fc": L.Dense(5, name="fc")}
+    inp = keras.Input((16, 16, 3))
+    c1 = lay["conv1"](inp)
+    h = lay["add"]([lay["conv2"](lay["relu1"](c1)), c1])
+    return keras.Model(inp, lay["fc"](lay["gap"](lay["relu2"](h)))), lay
+
+
+class HostStepNet(keras.Model):
+    """A subclassed model with a host (NumPy) step in ``call``: it runs eagerly, but not as a ``tf.function``
+    (a graph tensor has no ``.numpy()``)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(6, 3, padding="same", name="conv")
+        self.relu = L.ReLU(name="relu")
+        self.gap = L.GlobalAveragePooling2D(name="gap")
+        self.fc = L.Dense(4, name="fc")
+
+    def call(self, x):
+        h = self.relu(self.conv(x))
+        pooled = np.tanh(self.gap(h).numpy())  # on the host
+        return self.fc(tf.constant(pooled))
+
+
+def host_step_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = HostStepNet(name="host_step_net")
+    model(images())  # build
+    return model

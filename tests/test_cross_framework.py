@@ -38,8 +38,11 @@ def test_logits_agree_on_real_photos(ports, nchw):
         assert (got.argmax(1) == ref.argmax(1)).all(), port.framework
 
 
+GRADIENT_FREE = {m for m, spec in camcore.METHODS.items() if spec.perturbation}
+
+
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("method", sorted(set(camcore.METHODS) - {"cam"}))
+@pytest.mark.parametrize("method", sorted(set(camcore.METHODS) - {"cam"} - GRADIENT_FREE))
 def test_every_method_gives_the_same_maps_on_every_framework(ports, nchw, method, layer):
     maps = explain_everywhere(ports, nchw, method=method, layer=layer, targets=[281, 967, 0, 812])
     assert all(m.shape == (4, 224, 224) for m in maps.values())
@@ -57,3 +60,24 @@ def test_fused_layers_and_options_agree(ports, nchw):
     maps = explain_everywhere(ports, nchw, method="layercam", layer=LAYERS, eigen_smooth=True,
                               counterfactual=True, targets=3)
     assert max(max_map_difference(maps).values()) <= MAP_TOL
+
+
+# the gradient-free methods, with few channels (top_k) where each costs full forward passes
+GRADIENT_FREE_CASES = [
+    ("ablationcam", "_conv_head", {}),  # all 1280 channels: only the layers after _conv_head run per channel
+    ("ablationcam", "_blocks.10", {}),
+    ("scorecam", "_conv_head", {"top_k": 12}),
+    ("scorecam", "_blocks.10", {"top_k": 8, "weighting": "channel-softmax"}),
+    ("sscam", "_conv_head", {"top_k": 3, "num_samples": 2}),
+    ("iscam", "_conv_head", {"top_k": 3, "num_samples": 3}),
+]
+
+
+@pytest.mark.parametrize("method,layer,options", GRADIENT_FREE_CASES, ids=lambda v: str(v))
+def test_gradient_free_methods_give_the_same_maps_on_every_framework(ports, nchw, method, layer, options):
+    assert {m for m, _, _ in GRADIENT_FREE_CASES} == GRADIENT_FREE  # every gradient-free method is covered
+    maps = explain_everywhere(ports, nchw[:2], method=method, layer=layer, targets=[281, 967], progress=False,
+                              **options)
+    assert all(m.shape == (2, 224, 224) and np.isfinite(m).all() for m in maps.values())
+    diffs = max_map_difference(maps)
+    assert max(diffs.values()) <= MAP_TOL, diffs

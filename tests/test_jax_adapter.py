@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import flax.linen as nn
 import jax
@@ -551,6 +552,243 @@ def test_forward_masked_errors(linen, x):
         ad.forward_masked(x, jnp.ones((2, 12, 1, 1)), at="Block_9")
 
 
+# ------------------------------------------------- forward_masked: probability, progress, paths, the jit cache
+def np_softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def loop_logits(fn, x, masks_cl):
+    """(B, M, K) logits by plain loops over samples and masks: ``fn(x_i, mask)``."""
+    return np.asarray([[np.asarray(fn(x[i : i + 1], mk))[0] for mk in masks_cl] for i in range(x.shape[0])])
+
+
+def pick(logits, t):
+    return logits[np.arange(logits.shape[0]), :, t]
+
+
+@pytest.mark.parametrize("at", ["input", "Block_1"])
+def test_forward_masked_probability(linen, linen_P, x, at):
+    """probability=True: the softmax probability of the class, from the hand-written network's logits."""
+    rng = np.random.default_rng(21)
+    if at == "input":
+        masks = jnp.asarray(rng.uniform(size=(5, 1, H, W)), jnp.float32)
+        full = split(linen_P, "logits")[0]
+        logits = loop_logits(lambda xi, m: full(xi * m), x, np.moveaxis(np.asarray(masks), 1, -1))
+    else:
+        masks = jnp.asarray(rng.uniform(size=(5, 12, 1, 1)) > 0.4, jnp.float32)
+        prefix, tail = split(linen_P, "block1")
+        logits = loop_logits(lambda xi, m: tail(prefix(xi) * m), x, np.moveaxis(np.asarray(masks), 1, -1))
+    probs = np_softmax(logits)
+    top = np.argmax(np.asarray(split(linen_P, "logits")[0](x)), axis=1).tolist()
+    ad = JaxAdapter(linen)
+    for targets, idx in [([3, 1], [3, 1]), (None, top), (4, [4, 4])]:
+        got = ad.forward_masked(x, masks, at=at, targets=targets, batch_size=2, probability=True)
+        assert got.shape == (B, 5) and got.dtype == jnp.float32
+        close(got, pick(probs, idx), rtol=1e-4, atol=1e-7)
+        close(ad.forward_masked(x, masks, at=at, targets=targets, batch_size=2), pick(logits, idx))
+    target = lambda out: out[:, 1] - out[:, 0]  # noqa: E731
+    close(ad.forward_masked(x, masks, at=at, targets=target, probability=True), logits[..., 1] - logits[..., 0])
+
+
+@pytest.mark.parametrize("at,shape", [("input", (1, H, W)), ("Block_1", (12, 1, 1))])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_forward_masked_progress(linen, x, at, shape, per_sample):
+    masks = jnp.ones((B, 5, *shape) if per_sample else (5, *shape))
+    seen = []
+    JaxAdapter(linen).forward_masked(x, masks, at=at, targets=1, batch_size=2, progress=seen.append)
+    assert seen == [2, 2, 1, 2, 2, 1]  # one call per chunk, M per sample
+    seen.clear()
+    JaxAdapter(linen).forward_masked(x, masks, at=at, batch_size=5, progress=seen.append)
+    assert seen == [5, 5]
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx", "pair"])
+def test_forward_masked_paths_and_jit_cache(all_kinds, kind, x):
+    """Layer masks take the compiled path, input masks the full one; both equal the hand-written loops, also
+    with the eager passes (compilation off); a second call with the same shapes traces nothing again."""
+    model, names, P = all_kinds[kind]
+    rng = np.random.default_rng(22)
+    chan = jnp.asarray(rng.uniform(size=(5, 12, 1, 1)) > 0.3, jnp.float32)
+    prefix, tail = split(P, "block1")
+    ref_layer = pick(loop_logits(lambda xi, m: tail(prefix(xi) * m), x, np.moveaxis(np.asarray(chan), 1, -1)), [2, 0])
+    spatial = jnp.asarray(rng.uniform(size=(3, 1, H, W)), jnp.float32)
+    full = split(P, "logits")[0]
+    ref_input = pick(loop_logits(lambda xi, m: full(xi * m), x, np.moveaxis(np.asarray(spatial), 1, -1)), [2, 0])
+    ad = adapter_for(model)
+    for rep in range(2):
+        FORWARDS.clear()
+        info = {}
+        close(ad.forward_masked(x, chan, at=names["block1"], targets=[2, 0], batch_size=2, info=info), ref_layer)
+        assert info == {"path": "compiled"}
+        info = {}
+        close(ad.forward_masked(x, spatial, targets=[2, 0], info=info), ref_input)
+        assert info == {"path": "full"}
+        if rep == 1:
+            assert FORWARDS == []  # the model's Python ran only while the first calls traced
+    ad._compile = False
+    info = {}
+    close(ad.forward_masked(x, chan, at=names["block1"], targets=[2, 0], batch_size=2, info=info), ref_layer)
+    assert info == {"path": "full"}
+    close(ad.forward_masked(x, spatial, targets=[2, 0]), ref_input)
+
+
+def test_forward_masked_compiled_graph_drops_the_layers_before(linen, x):
+    """XLA's dead-code elimination: the compiled chunk function for masks at Block_1 has no convolution left (only
+    pooling and the dense head run per chunk); at Block_0, only Block_1's convolution; the probe has both."""
+    module, v = linen
+    ad = JaxAdapter(linen)
+    S = jax.ShapeDtypeStruct
+    for layer, act, convs in [("Block_1", (1, 8, 8, 12), 0), ("Block_0", (1, H, W, 8), 1)]:
+        c = act[-1]
+        ad.forward_masked(x, jnp.ones((2, c, 1, 1)), at=layer, targets=1)
+        (fn,) = [f for k, f in ad._jits.items() if k[:2] == ("chunk", layer)]
+        hlo = fn.lower(v, S((1, H, W, 3), jnp.float32), S(act, jnp.float32), S((2, c, 1, 1), jnp.float32),
+                       np.int32(1)).compile().as_text()
+        assert hlo.count("convolution(") == convs, layer
+    ((probe, _),) = [entry for k, entry in ad._jits.items() if k[:2] == ("probe", "Block_0")]
+    assert probe.lower(v, x).compile().as_text().count("convolution(") == 2
+
+
+class LinenSkip(nn.Module):
+    """A skip connection around the masked ``mid`` conv: ``relu(conv1(relu(mid(h))) + h)`` with ``h = conv0(x)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(6, (3, 3), name="conv0", **INIT)(x)
+        a = nn.relu(nn.Conv(6, (3, 3), name="mid", **INIT)(h))
+        y = nn.relu(nn.Conv(6, (3, 3), name="conv1", **INIT)(a) + h)
+        return nn.Dense(K, name="fc", **INIT)(jnp.mean(y, axis=(1, 2)))
+
+
+def test_forward_masked_skip_connection_around_the_layer(x):
+    module = LinenSkip()
+    reseed(6)
+    v = module.init(jax.random.key(6), x)
+    p = v["params"]
+    cv = lambda h, n: conv(h, p[n]["kernel"], p[n]["bias"])  # noqa: E731
+
+    def by_hand(xi, m):  # the prefix gives both the skip (h) and the masked activations
+        h = cv(xi, "conv0")
+        y = jax.nn.relu(cv(jax.nn.relu(cv(h, "mid") * m), "conv1") + h)
+        return jnp.mean(y, axis=(1, 2)) @ p["fc"]["kernel"] + p["fc"]["bias"]
+
+    masks = jnp.asarray(np.random.default_rng(23).uniform(size=(B, 4, 6, 1, 1)) > 0.5, jnp.float32)
+    ref = np.stack([pick(loop_logits(by_hand, x[i : i + 1], np.moveaxis(np.asarray(masks[i]), 1, -1)), [t])[0]
+                    for i, t in enumerate([1, 3])])
+    for compiled in (True, False):
+        ad = JaxAdapter((module, v))
+        ad._compile = compiled
+        info = {}
+        close(ad.forward_masked(x, masks, at="mid", targets=[1, 3], batch_size=3, info=info), ref)
+        assert info == {"path": "compiled" if compiled else "full"}
+    assert np.ptp(ref) > 1e-3
+
+
+def test_forward_masked_shared_layer_last_call_both_paths(x):
+    """A module called twice is masked at its last call, on the compiled path and on the eager one."""
+    module = LinenTwice()
+    reseed(3)
+    v = module.init(jax.random.key(3), x)
+    p = v["params"]
+    c0 = lambda h: conv(h, p["Conv_0"]["kernel"], p["Conv_0"]["bias"])  # noqa: E731
+    sh = lambda h: conv(h, p["shared"]["kernel"], p["shared"]["bias"])  # noqa: E731
+    head = lambda a: jnp.mean(jnp.tanh(a), axis=(1, 2)) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]  # noqa: E731
+    masks = jnp.asarray(np.random.default_rng(24).uniform(size=(3, 4, 1, 1)), jnp.float32)
+    cl = np.moveaxis(np.asarray(masks), 1, -1)
+    last = pick(loop_logits(lambda xi, m: head(sh(jax.nn.relu(sh(c0(xi)))) * m), x, cl), [0, 4])
+    first = pick(loop_logits(lambda xi, m: head(sh(jax.nn.relu(sh(c0(xi)) * m))), x, cl), [0, 4])
+    assert np.abs(last - first).max() > 1e-3
+    for compiled in (True, False):
+        ad = JaxAdapter((module, v))
+        ad._compile = compiled
+        info = {}
+        close(ad.forward_masked(x, masks, at="shared", targets=[0, 4], batch_size=2, info=info), last)
+        assert info == {"path": "compiled" if compiled else "full"}
+
+
+def counting_pair(P):
+    """The hand-written network as a (features, head) pair whose features record the batch size of every run
+    (``jax.debug.callback`` runs at each execution, jitted or not) and count Python traces."""
+    prefix, tail = split(P, "block1")
+    runs, traces = [], []
+
+    def features(z):
+        traces.append(z.shape[0])
+        n = z.shape[0]
+        jax.debug.callback(lambda: runs.append(n))
+        return prefix(z)
+
+    return (features, tail), runs, traces
+
+
+def test_forward_masked_input_masks_run_no_extra_forward_pass(linen_P, x):
+    """Input masks with class indices: only the masked passes run (no unmasked one); targets=None adds one.
+    Repeated calls reuse the jitted function: no new trace."""
+    pair, runs, traces = counting_pair(linen_P)
+    masks = jnp.asarray(np.random.default_rng(25).uniform(size=(5, 1, H, W)), jnp.float32)
+    full = split(linen_P, "logits")[0]
+    logits = loop_logits(lambda xi, m: full(xi * m), x, np.moveaxis(np.asarray(masks), 1, -1))
+    ad = JaxAdapter(pair)
+    for targets, idx in [([2, 0], [2, 0]), (3, [3, 3]), ([2, 0], [2, 0])]:
+        runs.clear()
+        close(ad.forward_masked(x, masks, targets=targets, batch_size=2), pick(logits, idx))
+        jax.effects_barrier()
+        assert runs == [2, 2, 1] * B
+    assert sorted(traces) == [1, 2]  # one trace per chunk shape, for all three calls
+    runs.clear()
+    top = np.argmax(np.asarray(full(x)), axis=1).tolist()
+    close(ad.forward_masked(x, masks, batch_size=2), pick(logits, top))
+    jax.effects_barrier()
+    assert runs == [B] + [2, 2, 1] * B  # the unmasked pass for the top classes, then the chunks
+    with pytest.raises(ValueError, match=r"targets: class index 5 is out of range for a model with 5 outputs"):
+        ad.forward_masked(x, masks, targets=[1, 5])
+
+
+@pytest.mark.parametrize("at", ["input", "features"])
+def test_forward_masked_falls_back_to_eager_when_jit_fails(linen_P, x, at):
+    """A head with a host (NumPy) step runs eagerly but cannot be jitted: the eager passes run instead, with
+    info["reason"] and a RuntimeWarning; the scores are the plain loop's."""
+    prefix, tail = split(linen_P, "block1")
+    kernel, bias = linen_P["fc"]
+
+    def host_head(a):
+        pooled = np.tanh(np.asarray(jnp.mean(a, axis=(1, 2))))  # on the host: fails under tracing
+        return jnp.asarray(pooled) @ kernel + bias
+
+    rng = np.random.default_rng(26)
+    if at == "input":
+        masks = jnp.asarray(rng.uniform(size=(3, 1, H, W)), jnp.float32)
+        fn = lambda xi, m: host_head(prefix(xi * m))  # noqa: E731
+    else:
+        masks = jnp.asarray(rng.uniform(size=(3, 12, 1, 1)) > 0.3, jnp.float32)
+        fn = lambda xi, m: host_head(prefix(xi) * m)  # noqa: E731
+    ref = pick(loop_logits(fn, x, np.moveaxis(np.asarray(masks), 1, -1)), [1, 2])
+    ad = JaxAdapter((prefix, host_head))
+    for _ in range(2):  # the failure is remembered: the second call goes straight to the eager passes
+        info = {}
+        with pytest.warns(RuntimeWarning, match=r"forward_masked: ran the whole model eagerly .*instead of jitting"):
+            got = ad.forward_masked(x, masks, at=at, targets=[1, 2], batch_size=2, info=info)
+        assert info["path"] == "full"
+        assert "TracerArrayConversionError" in info["reason"] and "\n" not in info["reason"]
+        close(got, ref)
+
+
+def test_forward_masked_model_error_is_not_a_fallback(linen_P, x):
+    """A model that raises eagerly too: its error comes out, with no warning about jit."""
+    prefix, tail = split(linen_P, "block1")
+
+    def head(a):
+        raise RuntimeError("boom: the head failed")
+
+    for at, masks in [("input", jnp.ones((2, 1, H, W))), ("features", jnp.ones((2, 12, 1, 1)))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(RuntimeError, match="boom: the head failed"):
+                JaxAdapter((prefix, head)).forward_masked(x, masks, at=at, targets=1)
+
+
 # ----------------------------------------------------------------------------------------- jit
 def test_jit_linen_equals_eager(linen, x):
     module, v = linen
@@ -735,6 +973,10 @@ def test_errors_tuple_output_and_train_only_layer(x):
         camcore.explain((module, v), x, method="gradcam", layer="Pair2_0")
     with pytest.raises(ValueError, match=r"layer: 'train_only' did not run during the forward pass"):
         camcore.explain((module, v), x, method="gradcam", layer="train_only")
+    with pytest.raises(TypeError, match=r"at: 'Pair2_0' returns tuple, not an array"):
+        JaxAdapter((module, v)).forward_masked(x, jnp.ones((2, 4, 1, 1)), at="Pair2_0")
+    with pytest.raises(ValueError, match=r"at: layer 'train_only' did not run during the forward pass"):
+        JaxAdapter((module, v)).forward_masked(x, jnp.ones((2, 4, 1, 1)), at="train_only")
     assert camcore.explain((module, v), x, method="gradcam", layer="Pair2_0/Conv_0").shape == (B, H, W)
 
 

@@ -7,6 +7,9 @@ a watched tensor under our own ``tf.GradientTape``; a NumPy Grad-CAM written fro
 """
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -791,6 +794,211 @@ def test_forward_masked_multi_output_callable_target():
     close(KerasAdapter(model).forward_masked(x, masks, targets=target), expected)
 
 
+# ----------------------------------------------------------- 6b. forward_masked: probability, progress, paths
+def np_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def loop_layer_logits(prefix, tail, x, masks_cf, channels_last=True):
+    """(B, M, K) logits by a plain loop over samples and masks: ``tail(prefix(x_i) * mask)``."""
+    rows = []
+    for i in range(x.shape[0]):
+        a = prefix(tf.constant(x[i : i + 1]))
+        rows.append([np.asarray(tail(a * (np.moveaxis(mk, 0, -1) if channels_last else mk)[None]))[0]
+                     for mk in masks_cf])
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("at", ["input", "relu1"])
+def test_forward_masked_probability(at):
+    """probability=True: the softmax probability of the class, from the loop's logits; a callable's scores are
+    used as they are."""
+    c = case("functional")
+    rng = np.random.default_rng(11)
+    if at == "input":
+        masks = rng.random((5, 1, 16, 16)).astype(np.float32)
+        logits = loop_input_logits(c.model, c.x, masks)
+    else:
+        masks = (rng.random((5, 8, 1, 1)) > 0.4).astype(np.float32)
+        logits = loop_layer_logits(*hand_split(c, "relu1"), c.x, masks)
+    probs = np_softmax(logits)
+    top = top_classes(c.model, c.x)
+    ad = KerasAdapter(c.model)
+    for targets, idx in [([3, 7], [3, 7]), (None, top), (4, [4, 4])]:
+        got = ad.forward_masked(c.x, masks, at=at, targets=targets, batch_size=2, probability=True)
+        assert got.dtype == np.float32 and got.shape == (2, 5)
+        close(got, pick(probs, idx), rtol=1e-5, atol=1e-7)
+        close(ad.forward_masked(c.x, masks, at=at, targets=targets, batch_size=2), pick(logits, idx))
+    target = lambda out: out[:, 1] - out[:, 0]  # noqa: E731
+    close(ad.forward_masked(c.x, masks, at=at, targets=target, probability=True), logits[..., 1] - logits[..., 0])
+
+
+@pytest.mark.parametrize("at,shape", [("input", (1, 16, 16)), ("relu2", (12, 1, 1))])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_forward_masked_progress(at, shape, per_sample):
+    c = case("functional")
+    m = 5
+    masks = np.ones((2, m, *shape) if per_sample else (m, *shape), np.float32)
+    seen = []
+    KerasAdapter(c.model).forward_masked(c.x, masks, at=at, targets=1, batch_size=2, progress=seen.append)
+    assert seen == [2, 2, 1, 2, 2, 1]  # one call per chunk, M per sample
+    seen.clear()
+    KerasAdapter(c.model).forward_masked(c.x, masks, at=at, targets=None, batch_size=8, progress=seen.append)
+    assert seen == [m, m]
+
+
+@pytest.mark.parametrize("kind", ["functional", "nested", "subclassed", "channels_first"])
+def test_forward_masked_compiled_path_equals_hand_split(kind):
+    """Layer masks take the compiled path (a tf.function with the layer's output replaced); input masks the full
+    one; both equal the plain loops, with the graph traced once per chunk shape."""
+    c = case(kind)
+    b, layer = c.x.shape[0], c.mid_layer
+    _, a, _ = ref_case(c, layer, class_score([0] * b))
+    masks = (np.random.default_rng(8).random((5, a.shape[1], 1, 1)) > 0.4).astype(np.float32)
+    targets = targets_for(c)
+    expected = loop_layer_masks(c, layer, masks, targets)
+    snap = snapshot(c.model)
+    ad = KerasAdapter(c.model)
+    for _ in range(2):  # a second call reuses the cached graphs
+        info = {}
+        close(ad.forward_masked(c.x, masks, at=layer, targets=targets, batch_size=2, info=info), expected)
+        assert info == {"path": "compiled"}
+    tails = [g for k, g in ad._graphs.items() if k[0] == "layer"]
+    assert len(tails) == 1 and tails[0].experimental_get_tracing_count() == 2  # chunks of 2 and of 1
+    info = {}
+    input_masks = np.random.default_rng(9).random((3, 1, *c.spatial)).astype(np.float32)
+    got = ad.forward_masked(c.x, input_masks, targets=targets, info=info)
+    assert info == {"path": "full"}
+    close(got, pick(loop_input_logits(c.model, c.x, input_masks, c.channels_last), targets))
+    assert_untouched(c.model, snap)
+
+
+def test_forward_masked_eager_full_path_equals_compiled():
+    """The eager path (graphs off) and the compiled one give the same scores (float tolerance)."""
+    c = case("functional")
+    masks = (np.random.default_rng(12).random((2, 6, 12, 1, 1)) > 0.5).astype(np.float32)
+    ad = KerasAdapter(c.model)
+    compiled = ad.forward_masked(c.x, masks, at="relu2", targets=None, batch_size=4)
+    ad._compile = False
+    info = {}
+    full = ad.forward_masked(c.x, masks, at="relu2", targets=None, batch_size=4, info=info)
+    assert info == {"path": "full"}
+    close(compiled, full, rtol=1e-5, atol=1e-6)
+    close(full, loop_layer_masks(c, "relu2", masks, top_classes(c.model, c.x), per_sample=True))
+
+
+def test_forward_masked_skip_connection_around_the_layer():
+    """A skip connection carries conv1's output around the masked relu1: only relu1's output is masked."""
+    model, lay = km.skip_net()
+    x = km.images()
+    masks = (np.random.default_rng(13).random((4, 6, 1, 1)) > 0.5).astype(np.float32)
+    rows = []
+    for i in range(2):  # by hand: the prefix gives conv1's output (the skip) and relu1's (masked)
+        c1 = lay["conv1"](x[i : i + 1])
+        a = lay["relu1"](c1)
+        out = [lay["fc"](lay["gap"](lay["relu2"](lay["add"]([lay["conv2"](a * np.moveaxis(mk, 0, -1)[None]), c1]))))
+               for mk in masks]
+        rows.append(np.array([np.asarray(o)[0] for o in out]))
+    logits = np.array(rows)
+    for compiled in (True, False):
+        ad = KerasAdapter(model)
+        ad._compile = compiled
+        info = {}
+        got = ad.forward_masked(x, masks, at="relu1", targets=[1, 3], batch_size=3, info=info)
+        assert info["path"] == ("compiled" if compiled else "full")
+        close(got, pick(logits, [1, 3]))
+    # the skip matters: without it (a zero mask) the scores are not those of a model without relu1's branch only
+    assert np.ptp(logits[..., 1]) > 1e-3
+
+
+def test_forward_masked_shared_layer_is_masked_at_its_last_call():
+    model, lay = km.shared_conv()
+    x = km.images()
+    masks = (np.random.default_rng(14).random((3, 4, 1, 1)) > 0.3).astype(np.float32) + 0.25
+    tanh, relu, gap = (model.get_layer(n) for n in ("tanh", "relu", "gap"))
+    rows = []
+    for i in range(2):  # by hand: the first call as it is, the second (last) call's output masked
+        h1 = lay["shared"](lay["conv0"](x[i : i + 1]))
+        a = lay["shared"](tanh(h1))
+        rows.append([np.asarray(lay["fc"](gap(relu(a * np.moveaxis(mk, 0, -1)[None]))))[0] for mk in masks])
+    logits = np.array(rows)
+    first = []
+    for i in range(2):  # what masking the first call would give: must differ
+        h1 = lay["shared"](lay["conv0"](x[i : i + 1]))
+        first.append([np.asarray(lay["fc"](gap(relu(lay["shared"](tanh(h1 * np.moveaxis(mk, 0, -1)[None]))))))[0]
+                      for mk in masks])
+    assert np.abs(np.array(first) - logits).max() > 1e-3
+    snap = snapshot(model)
+    for compiled in (True, False):
+        ad = KerasAdapter(model)
+        ad._compile = compiled
+        info = {}
+        got = ad.forward_masked(x, masks, at="shared", targets=[0, 4], batch_size=2, info=info)
+        assert info["path"] == ("compiled" if compiled else "full")
+        close(got, pick(logits, [0, 4]))
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_forward_masked_input_masks_run_no_extra_forward_pass(compiled):
+    """Input masks with class indices: only the masked passes run; targets=None adds one unmasked pass."""
+    model, counter = km.counted()
+    x = km.images()
+    masks = np.random.default_rng(15).random((5, 1, 16, 16)).astype(np.float32)
+    ad = KerasAdapter(model)
+    ad._compile = compiled
+    logits = loop_input_logits(model, x, masks)
+    for targets, idx in [([2, 0], [2, 0]), (3, [3, 3])]:
+        counter.batches.clear()
+        close(ad.forward_masked(x, masks, targets=targets, batch_size=2), pick(logits, idx))
+        assert counter.batches == [2, 2, 1] * 2
+    counter.batches.clear()
+    top = top_classes(model, x)
+    counter.batches.clear()
+    close(ad.forward_masked(x, masks, targets=None, batch_size=2), pick(logits, top))
+    assert counter.batches == [2] + [2, 2, 1] * 2  # the unmasked pass for the top classes, then the chunks
+    with pytest.raises(ValueError, match=r"targets: class index 4 is out of range for a model with 4 outputs"):
+        ad.forward_masked(x, masks, targets=[1, 4])
+
+
+@pytest.mark.parametrize("at", ["input", "relu"])
+def test_forward_masked_falls_back_to_eager_when_tracing_fails(at):
+    """A model whose call has a host (NumPy) step cannot run as a tf.function: the eager passes run instead, with
+    info["reason"] and a RuntimeWarning; the scores are the plain loop's."""
+    model = km.host_step_net()
+    x = km.images()
+    if at == "input":
+        masks = np.random.default_rng(16).random((3, 1, 16, 16)).astype(np.float32)
+        logits = loop_input_logits(model, x, masks)
+    else:
+        masks = (np.random.default_rng(16).random((3, 6, 1, 1)) > 0.4).astype(np.float32)
+        logits = loop_layer_logits(lambda z: model.relu(model.conv(z)),
+                                   lambda a: model.fc(tf.constant(np.tanh(model.gap(a).numpy()))), x, masks)
+    ad = KerasAdapter(model)
+    snap = snapshot(model)
+    for _ in range(2):  # the failure is remembered: the second call goes straight to the eager passes
+        info = {}
+        with pytest.warns(RuntimeWarning, match=r"forward_masked: ran the whole model eagerly .*tf.function"):
+            got = ad.forward_masked(x, masks, at=at, targets=[1, 2], batch_size=2, info=info)
+        assert info["path"] == "full"
+        assert re.search(r"AttributeError: .*'SymbolicTensor' object has no attribute 'numpy'", info["reason"])
+        assert "\n" not in info["reason"] and "\x1b" not in info["reason"]
+        close(got, pick(logits, [1, 2]))
+    assert_untouched(model, snap)
+
+
+def test_forward_masked_model_error_is_not_a_fallback(raising_model):
+    """A model that raises in eager mode too: its error comes out, with no warning about graphs."""
+    x = km.images()
+    for at, masks in [("input", np.ones((2, 1, 16, 16))), ("conv2", np.ones((2, 8, 1, 1)))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(RuntimeError, match="boom: the model failed midway"):
+                KerasAdapter(raising_model).forward_masked(x, masks, at=at, targets=1)
+
+
 # ---------------------------------------------------------------------------------------------- 7. errors
 def test_unknown_layer_lists_closest_names():
     c = case("functional")
@@ -991,6 +1199,8 @@ def test_layer_not_run_not_influencing_or_not_a_tensor():
         camcore.explain(model, x, method="gradcam", layer=["conv", "side"])
     with pytest.raises(TypeError, match=r"layer: 'pair' returns tuple, not a tensor"):
         camcore.explain(model, x, method="gradcam", layer="pair")
+    with pytest.raises(TypeError, match=r"at: 'pair' returns tuple, not a tensor"):
+        KerasAdapter(model).forward_masked(x, np.ones((2, 6, 1, 1)), at="pair")
     assert_untouched(model, snap)
     assert camcore.explain(model, x, method="eigencam", layer="side").shape == (2, 16, 16)
 
