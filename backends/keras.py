@@ -71,6 +71,9 @@ def _class_list(targets, outputs) -> list[int]:
     return class_indices(targets, outputs).tolist()
 
 
+_SCOPE = "camcore"  # an outer name scope in graphs: layer names such as "_conv_stem" are not valid root scopes
+
+
 def _reason(err) -> str:
     """A one-line reason: tracing the model as a tf.function raised ``err``. AutoGraph's "in user code:" listing
     and Keras' "Exception encountered when calling ..." header are skipped to the message itself; terminal colour
@@ -415,7 +418,8 @@ class KerasAdapter:
             meta: dict = {}
 
             def probe_graph(x):
-                plain, seen = self._recorded(x, named)
+                with tf.name_scope(_SCOPE):
+                    plain, seen = self._recorded(x, named)
                 meta.update(n=len(seen), last=seen[-1] if seen else None)
                 return plain, seen[-1] if seen and tf.is_tensor(seen[-1]) else None
 
@@ -466,11 +470,12 @@ class KerasAdapter:
         if key not in self._graphs:
             if named is None:
                 def chunk_graph(xi, mask):
-                    return self._call(xi * tf.cast(mask, xi.dtype))
+                    with tf.name_scope(_SCOPE):
+                        return self._call(xi * tf.cast(mask, xi.dtype))
             else:
                 def chunk_graph(xi, a, mask):
                     replace = lambda out: a * tf.cast(mask, a.dtype)  # noqa: E731
-                    with _intercepted([named[1]], _at_last_call(n_calls, replace)):
+                    with tf.name_scope(_SCOPE), _intercepted([named[1]], _at_last_call(n_calls, replace)):
                         return self._call(tf.repeat(xi, mask.shape[0], axis=0))
             self._graphs[key] = tf.function(chunk_graph)
         return self._graphs[key]

@@ -16,7 +16,7 @@ read: never changed, never run. Frameworks are imported inside the functions onl
 Naming. A layer is named after the torch module it ports, by the module's full dotted path (``"_conv_stem"``,
 ``"_blocks.3._expand_conv"``, ``"_bn1"``, ``"_fc"``). A module called several times (the shared ReLU6 ``_swish``
 modules) gets one layer per call: the last call has the plain path (what a torch forward hook sees last),
-earlier calls ``"<path>@0"``, ``"<path>@1"``, ... by call index.
+earlier calls ``"<path>-0"``, ``"<path>-1"``, ... by call index.
 
 - Keras: layer names are the torch paths. Each MBConv block is a nested functional ``keras.Model`` named
   ``"_blocks.<i>"`` whose layers keep their full paths (``"_blocks.<i>._project_conv"``); the explicit padding
@@ -81,8 +81,8 @@ class _Net(NamedTuple):
 
 
 def _call_names(path: str, calls: int) -> tuple:
-    """Layer names for ``calls`` calls of one module: ``path@0, path@1, ..., path`` (the last is plain)."""
-    return tuple(f"{path}@{k}" for k in range(calls - 1)) + (path,)
+    """Layer names for ``calls`` calls of one module: ``path-0, path-1, ..., path`` (the last is plain)."""
+    return tuple(f"{path}-{k}" for k in range(calls - 1)) + (path,)
 
 
 def _conv(name: str, conv) -> _Conv:
@@ -224,7 +224,7 @@ def flax_path(torch_name: str) -> str:
 
     Rule: the torch dotted path with every ``"."`` turned into ``"/"``, except before a ``ModuleList`` index, which
     stays in its list's name: ``"_blocks.10._project_conv"`` -> ``"_blocks.10/_project_conv"``, ``"_blocks.3"``
-    -> ``"_blocks.3"``, ``"_conv_head"`` -> ``"_conv_head"``, ``"_blocks.3._swish@0"`` -> ``"_blocks.3/_swish@0"``.
+    -> ``"_blocks.3"``, ``"_conv_head"`` -> ``"_conv_head"``, ``"_blocks.3._swish-0"`` -> ``"_blocks.3/_swish-0"``.
     Look it up in ``variables["params"]`` / ``["batch_stats"]`` or in the ``"intermediates"`` of
     ``module.apply(..., capture_intermediates=True, mutable=["intermediates"])`` by splitting on ``"/"``.
     """

@@ -11,12 +11,12 @@ What tf-keras-vis computes, read from its source, and how each difference is han
   reach layers of the top-level graph. The port's MBConv blocks are nested functional models, and under Keras 3
   a nested model's ``.output`` (and that of any layer inside it) belongs to the nested model's own graph:
   ``"_blocks.10"`` fails with "not connected to `inputs`" (tested below). The inner layer compared here is
-  therefore the stem's ReLU6 ``"_swish@0"`` (32 x 112 x 112, the first activation of the network); the other is
+  therefore the stem's ReLU6 ``"_swish-0"`` (32 x 112 x 112, the first activation of the network); the other is
   the last conv ``"_conv_head"`` (1280 x 7 x 7). Its default ``seek_penultimate_conv_layer=True`` replaces a
   layer that is not a convolution by the nearest convolution before it (tested below), so it is called with
   ``False``.
 - **Normalisation.** Per sample, like camcore, but ``(x - min) / (max - min + 1e-7)`` (``K.epsilon()``), and
-  camcore divides exactly. The raw Grad-CAM maps at ``"_swish@0"`` span only 2.7e-5 .. 5.1e-4, where that
+  camcore divides exactly. The raw Grad-CAM maps at ``"_swish-0"`` span only 2.7e-5 .. 5.1e-4, where that
   epsilon shifts the normalised map by up to 3.7e-3 (tested below). So the parity tests take tf-keras-vis's maps
   with ``normalize_cam=False`` and normalise them here exactly as camcore does (``minmax``).
 - **Upsampling.** ``scipy.ndimage.zoom(cam, (1, 224/h, 224/w), order=1)``: linear with *corner-aligned* grids
@@ -38,14 +38,14 @@ four samples, after the same exact normalisation:
 method      layer       layer res., targets    layer res., top class  input res. (corner grid)
 ==========  ==========  =====================  =====================  =======================
 Grad-CAM    _conv_head  3.5e-7                 1.5e-7                 3.7e-7
-Grad-CAM    _swish@0    6.2e-6                 1.2e-5                 5.7e-6
+Grad-CAM    _swish-0    6.2e-6                 1.2e-5                 5.7e-6
 LayerCAM    _conv_head  1.2e-7                 6.0e-8                 9.3e-8
-LayerCAM    _swish@0    6.8e-8                 6.0e-8                 5.3e-8
+LayerCAM    _swish-0    6.8e-8                 6.0e-8                 5.3e-8
 ==========  ==========  =====================  =====================  =======================
 
 ``input res.``: tf-keras-vis vs the corner-aligned resize of camcore's layer-resolution map (camcore vs the
 half-pixel resize of the same map: <= 2.1e-7). Grad-CAM++: camcore vs eq. (19) in float64 1.1e-7 at
-``_conv_head``, 5.9e-6 at ``_swish@0``; tf-keras-vis deviates from it by design (see its test).
+``_conv_head``, 5.9e-6 at ``_swish-0``; tf-keras-vis deviates from it by design (see its test).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ import camcore  # noqa: E402
 
 TOL = 1e-4
 TARGETS = [281, 967, 0, 812]  # tabby / espresso / tench / space shuttle; only 967 is a top class (coffee photo)
-LAYERS = ("_conv_head", "_swish@0")  # 1280 x 7 x 7 (last conv) and 32 x 112 x 112 (stem ReLU6, top-level)
+LAYERS = ("_conv_head", "_swish-0")  # 1280 x 7 x 7 (last conv) and 32 x 112 x 112 (stem ReLU6, top-level)
 SIZE = (224, 224)
 TKV_CLASSES = {"gradcam": Gradcam, "layercam": Layercam, "gradcam++": GradcamPlusPlus}
 
@@ -176,7 +176,7 @@ def test_matches_tf_keras_vis_at_layer_resolution(kmodel, images, top, method, l
     ours_targets, their_classes = _targets(kind, top)
     ours = run_camcore(kmodel, method, images, ours_targets, layer, upsample=False)
     theirs = run_tkv(kmodel, method, images, their_classes, layer, expand_cam=False, normalize_cam=False)
-    assert ours.shape == theirs.shape == {"_conv_head": (4, 7, 7), "_swish@0": (4, 112, 112)}[layer]
+    assert ours.shape == theirs.shape == {"_conv_head": (4, 7, 7), "_swish-0": (4, 112, 112)}[layer]
     diff = per_sample_max(ours - minmax(theirs))
     assert diff.max() <= TOL, f"{method} at {layer}: max |camcore - tf-keras-vis| per sample {diff}"
     # real, non-constant maps; one exception: Grad-CAM's top-class ("tiger cat") map of chelsea at the stem is
@@ -196,7 +196,7 @@ def test_tf_keras_vis_normalisation_epsilon(kmodel, images, layer):
     diff = per_sample_max(ours - theirs)
     bound = 1e-7 / span  # |(x-lo)/s - (x-lo)/(s+e)| <= e/(s+e) < e/s
     assert (diff <= bound + 1e-5).all(), f"{layer}: {diff} vs the epsilon's bound {bound}"
-    if layer == "_swish@0":
+    if layer == "_swish-0":
         assert diff.max() > 10 * TOL  # the epsilon really matters here
 
 
@@ -208,7 +208,7 @@ def test_input_resolution_differs_only_by_the_resize(kmodel, images, method, lay
     grids (module doc). tf-keras-vis's 224 x 224 map must be the corner-aligned resize of camcore's own
     layer-resolution map, camcore's the half-pixel resize of it. The direct difference, measured 0.17-0.35
     (Grad-CAM / LayerCAM at ``_conv_head``: one 7x7 cell is 32 px, and the grids disagree by up to half a cell
-    near the borders) and 0.08-0.44 (``_swish@0``), is the interpolation convention, not the CAM."""
+    near the borders) and 0.08-0.44 (``_swish-0``), is the interpolation convention, not the CAM."""
     layer_map = run_camcore(kmodel, method, images, TARGETS, layer, upsample=False, normalize=False)
     ours = run_camcore(kmodel, method, images, TARGETS, layer)
     theirs = minmax(run_tkv(kmodel, method, images, TARGETS, layer, normalize_cam=False))
@@ -239,13 +239,13 @@ def _gradcam_pp_reference(a, g, *, normalise_alpha: bool):
 
 
 # tf-keras-vis vs its own formula (alphas normalised) in float64: <= 9.9e-8 at ``_conv_head``, but 4e-4 .. 1.4e-2
-# at ``_swish@0``. There eq. (19)'s denominators 2 + sum(A) G come as close as 3.5e-6 to the pole (alphas up to
+# at ``_swish-0``. There eq. (19)'s denominators 2 + sum(A) G come as close as 3.5e-6 to the pole (alphas up to
 # 2.8e5, of either sign), so a channel's alpha sum, which the normalisation divides by, is dominated by a few
 # huge alphas and is ill-conditioned: perturbing A and G by one float32 rounding (2^-24 relative) moves the
 # float64 formula by up to 1.5e-3 (tested), and tf-keras-vis evaluates it in float32 (exp(y) G^3, a float32 sum of
 # 12544 activations). Eq. (19) itself, which never divides by that sum, moves by < 1e-7 under the same
 # perturbation; camcore is within 5.9e-6 of it.
-TKV_FORMULA_TOL = {"_conv_head": TOL, "_swish@0": 0.05}
+TKV_FORMULA_TOL = {"_conv_head": TOL, "_swish-0": 0.05}
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -253,7 +253,7 @@ def test_gradcam_pp_is_the_paper_and_tf_keras_vis_normalises_alpha(kmodel, image
     """Documented deviation. tf-keras-vis's ``GradcamPlusPlus`` (like the authors' reference code) departs from
     eq. (19) twice: (1) it divides each channel's alphas by their spatial sum, which changes the channel
     weights and so the map: measured max |camcore - tf-keras-vis| per sample 0.097-0.26 at ``_conv_head`` and
-    0.78-1.0 at ``_swish@0``; (2) it multiplies the derivatives by ``exp(y^c)`` (the paper's exponential score):
+    0.78-1.0 at ``_swish-0``; (2) it multiplies the derivatives by ``exp(y^c)`` (the paper's exponential score):
     this cancels in alpha and only scales each sample's map by ``exp(y^c)``, which per-sample normalisation
     removes -- but its ``normalize_cam=False`` maps are not comparable between samples (here scaled by 0.74 ..
     1.3e5), and a logit above ~88 overflows float32. camcore's default is eq. (19) itself."""
@@ -282,7 +282,7 @@ def test_gradcam_pp_is_the_paper_and_tf_keras_vis_normalises_alpha(kmodel, image
                                   - minmax(np.maximum(ref, 0))).max()
              for name, norm, ref in (("paper", False, paper), ("authors", True, authors))}
     assert moved["paper"] < 1e-6, moved
-    if layer == "_swish@0":
+    if layer == "_swish-0":
         assert moved["authors"] > TOL, moved  # ill-conditioned: float32 alone can exceed TOL
 
 

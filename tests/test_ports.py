@@ -18,7 +18,7 @@ from model_checks import assert_untouched, snapshot
 LOGIT_TOL = 1e-4  # max abs logit difference
 ACT_TOL = 1e-4  # max abs activation difference, relative to the activations' max abs
 # layers spread through the network: top-level convs/bn, whole blocks, convs inside blocks, ReLU6 calls
-PROBES = ("_conv_stem", "_swish@0", "_blocks.0", "_blocks.3._swish@0", "_blocks.3._swish", "_blocks.5._expand_conv",
+PROBES = ("_conv_stem", "_swish-0", "_blocks.0", "_blocks.3._swish-0", "_blocks.3._swish", "_blocks.5._expand_conv",
           "_blocks.10", "_blocks.15._project_conv", "_conv_head", "_bn1", "_swish")
 
 
@@ -30,7 +30,7 @@ def nhwc(photo_batch):
 
 @pytest.fixture(scope="module")
 def torch_ref(effnet, photo_batch):
-    """Torch logits ``(4, 1000)`` and the PROBES activations, channels-last; ``"m@k"`` is the k-th call of m,
+    """Torch logits ``(4, 1000)`` and the PROBES activations, channels-last; ``"m-k"`` is the k-th call of m,
     a plain name the last call."""
     modules = dict(effnet.named_modules())
     calls: dict = {}
@@ -38,14 +38,19 @@ def torch_ref(effnet, photo_batch):
     def record(name):
         return lambda mod, inp, out: calls.setdefault(name, []).append(out.permute(0, 2, 3, 1).numpy().copy())
 
-    hooks = [modules[n].register_forward_hook(record(n)) for n in {p.split("@")[0] for p in PROBES}]
+    def module_and_call(probe):  # torch paths have no "-"
+        name, _, k = probe.partition("-")
+        return name, int(k) if k else -1
+
+    hooks = []
     try:
+        hooks.extend(modules[n].register_forward_hook(record(n)) for n in {module_and_call(p)[0] for p in PROBES})
         with torch.no_grad():
             logits = effnet(photo_batch).numpy()
     finally:
         for h in hooks:
             h.remove()
-    acts = {p: calls[p.split("@")[0]][int(p.split("@")[1]) if "@" in p else -1] for p in PROBES}
+    acts = {p: calls[module_and_call(p)[0]][module_and_call(p)[1]] for p in PROBES}
     return logits, acts
 
 
