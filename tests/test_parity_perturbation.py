@@ -189,7 +189,11 @@ def test_pgc_ablationcam_zero_ablation_effnet_conv_head(effnet, photo_batch):
     channels = list(range(0, 1280, 40))
     w, acts = pgc_ablation_weights(effnet, layer, x, targets, ZeroAblation(channels))
     assert acts.min() < 0
-    assert np.count_nonzero(w) == len(channels)
+    assert not np.delete(w, channels, axis=1).any()  # pytorch-grad-cam ablated exactly these channels
+    # Ablating a channel whose batch-norm + ReLU6 output is clipped either way leaves the score unchanged: 17 of
+    # the 32 weights are 0 (exactly on CPUs whose kernels give a batch of 32 the same bits as a batch of 1, a few
+    # ulp elsewhere). The other 15 are real (10 of them above 2e-4), so the comparison is not 0 against 0.
+    assert (np.abs(w[:, channels]) > 100 * W_ATOL).sum() >= 8
     got = camcore_ablation_weights(effnet, x, layer, targets)
     assert got.shape == (1, 1280)
     np.testing.assert_allclose(got[:, channels], w[:, channels], rtol=0, atol=W_ATOL)
