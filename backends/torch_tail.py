@@ -34,11 +34,12 @@ class _Tracer(fx.Tracer):
         return m is self.target or super().is_leaf_module(m, qualname)
 
 
-def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphModule, fx.GraphModule, list]:
+def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple:
     """``(prefix, tail, computed)`` graph modules of ``model`` cut after the last call of ``module`` (see the
     module docstring); ``computed[j]`` says whether frontier value ``j`` (after ``A``) is computed (it may be
-    changed in place by the tail, so each tail call needs its own copy) rather than a parameter or buffer. Raises whatever ``torch.fx`` raises for an untraceable model, or ``RuntimeError`` when the traced
-    graph does not call ``module``."""
+    changed in place by the tail, so each tail call needs its own copy) rather than a parameter or buffer.
+    Raises whatever ``torch.fx`` raises for an untraceable model, or ``RuntimeError`` when the traced graph
+    does not call ``module``."""
     graph = _Tracer(module).trace(model)
     nodes = list(graph.nodes)
     calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and model.get_submodule(n.target) is module]
