@@ -90,8 +90,7 @@ def make_runners(model, x, batch_size: int):
         "pgc score": (pgc_run(pgc_score, "pgc score"), keep),
         "torchcam score": (tc_run, keep),
         "floor": (floor, lambda: None),
-        "camcore score _swish": (camcore_run("scorecam", "_swish", "camcore score _swish"),
-                                 keep),
+        "camcore score _swish": (camcore_run("scorecam", "_swish", "camcore score _swish"), keep),
     }
     return runners, results, infos
 
@@ -124,7 +123,7 @@ def main(argv=None) -> None:
     pg = results["pgc ablation"]
     print(f"  max |camcore - pgc| ablation maps: {np.abs(results['camcore ablation'].numpy() - pg).max():.3g} "
           f"(pgc ablates with min(A) - 1e7 where min(A) != 0 and resizes with cv2; see tests for the parity)")
-    mems, _, how = cpu_memory(__file__, list(runners), photos, 1, 0)
+    mems, _, how = cpu_memory(__file__, list(runners), photos, 1, 0, extra=["--batch-size", str(args.batch_size)])
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: statistics.median(v) for k, v in mems.items()}
     print(f"  peak memory: {how}")

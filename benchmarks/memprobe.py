@@ -133,21 +133,23 @@ def fresh_child(runners, lib: str) -> None:
     print(json.dumps({"peak_increase_mib": (_status_kib("VmHWM") - before) / 1024}))
 
 
-def cpu_memory(script: str, libs, batch: int, repeats: int, warmup: int, runners=None):
+def cpu_memory(script: str, libs, batch: int, repeats: int, warmup: int, runners=None, extra=()):
     """(mems, held, description) for the libraries ``libs`` of the benchmark ``script``, measured by its
-    ``--_memory`` child (``--_fresh LIB`` where VmHWM cannot be reset); ``runners`` given: measure here, in
-    this process, with the allocator as is."""
+    ``--_memory`` child (``--_fresh LIB`` where VmHWM cannot be reset), which also gets the arguments ``extra``;
+    ``runners`` given: measure here, in this process, with the allocator as is."""
     if runners is not None:
         if not clear_refs_works():
             raise SystemExit("--malloc-default: /proc/self/clear_refs cannot reset VmHWM here")
         _, mems, held = measure(runners, repeats, cpu_peak_increase_mib, timing=False)
         return mems, held, ("in this process, glibc's default dynamic mmap threshold (depends on what ran "
                             "before); VmHWM reset via /proc/self/clear_refs, minus VmRSS before each run")
-    res = run_child(script, ["--_memory", "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup)])
+    res = run_child(script, ["--_memory", "--batch", str(batch), "--repeats", str(repeats), "--warmup", str(warmup),
+                             *extra])
     if res["method"] == "clear_refs":
         return res["mems"], res["held"], (
             f"one child process holding both libraries, alternating, {MMAP_ENV}=131072; VmHWM reset via "
             f"/proc/self/clear_refs, minus VmRSS just before each run (after gc.collect() + malloc_trim(0))")
-    mems = {lib: [run_child(script, ["--_fresh", lib, "--batch", str(batch)])["peak_increase_mib"]] for lib in libs}
+    mems = {lib: [run_child(script, ["--_fresh", lib, "--batch", str(batch), *extra])["peak_increase_mib"]]
+            for lib in libs}
     return mems, {}, ("/proc/self/clear_refs cannot reset VmHWM here: FALLBACK, each library's first run in a "
                       f"fresh subprocess ({MMAP_ENV}=131072), VmHWM minus VmRSS before the run")
