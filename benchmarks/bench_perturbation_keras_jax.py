@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import torchvision  # noqa: E402,F401  (before any TensorFlow import, see docs/adapters.md)
-from memprobe import cpu_memory, fresh_child, measure, memory_child  # noqa: E402
+from memprobe import add_child_arguments, cpu_memory, fresh_child, measure, memory_child  # noqa: E402
 
 LAYER = "_conv_head"
 
@@ -110,10 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--frameworks", default="keras,jax")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # memprobe's children pass --batch
-    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--_fresh", help=argparse.SUPPRESS)
+    add_child_arguments(parser, warmup=1)
     args = parser.parse_args(argv)
     frameworks = args.frameworks.split(",")
     runners, results, infos = make_runners(frameworks, args.batch_size)

@@ -29,7 +29,7 @@ import statistics
 import numpy as np
 import torchvision  # noqa: F401  (before any TensorFlow import, see docs/adapters.md)
 import torch
-from memprobe import cpu_memory, fresh_child, measure, memory_child
+from memprobe import add_child_arguments, cpu_memory, fresh_child, measure, memory_child
 
 LAYER = "_conv_head"
 
@@ -100,10 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--photos", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # memprobe's children pass --batch
-    parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--_fresh", help=argparse.SUPPRESS)
+    add_child_arguments(parser, warmup=0)
     args = parser.parse_args(argv)
     photos = args.batch or args.photos
     if args._memory or args._fresh:

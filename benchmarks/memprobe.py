@@ -104,6 +104,16 @@ def measure(runners, repeats: int, probe, *, timing: bool = True):
     return times, mems, held
 
 
+def add_child_arguments(parser, *, warmup: int) -> None:
+    """The hidden options with which :func:`cpu_memory` starts a benchmark's memory child."""
+    import argparse
+
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=warmup, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_fresh", help=argparse.SUPPRESS)
+
+
 def run_child(script: str, args: list[str]) -> dict:
     """Run ``script`` with ``args`` in a child process with a fixed mmap threshold; its last stdout line as JSON."""
     env = {**os.environ, MMAP_ENV: "131072"}
