@@ -71,7 +71,14 @@ def _class_list(targets, outputs) -> list[int]:
     return class_indices(targets, outputs).tolist()
 
 
-_SCOPE = "camcore"  # an outer name scope in graphs: layer names such as "_conv_stem" are not valid root scopes
+def _scoped_function(fn):
+    """``tf.function(fn)``, traced inside a ``camcore`` name scope: Keras opens a scope per layer, and a layer name
+    such as ``"_conv_stem"`` is not a valid *root* scope in a graph."""
+    def scoped(*args):
+        with tf.name_scope("camcore"):
+            return fn(*args)
+
+    return tf.function(scoped)
 
 
 def _reason(err) -> str:
@@ -418,12 +425,11 @@ class KerasAdapter:
             meta: dict = {}
 
             def probe_graph(x):
-                with tf.name_scope(_SCOPE):
-                    plain, seen = self._recorded(x, named)
+                plain, seen = self._recorded(x, named)
                 meta.update(n=len(seen), last=seen[-1] if seen else None)
                 return plain, seen[-1] if seen and tf.is_tensor(seen[-1]) else None
 
-            graph = self._graphs[key] = (tf.function(probe_graph), meta)
+            graph = self._graphs[key] = (_scoped_function(probe_graph), meta)
         if isinstance(graph, tuple):
             try:
                 plain, last = graph[0](x)
@@ -470,14 +476,13 @@ class KerasAdapter:
         if key not in self._graphs:
             if named is None:
                 def chunk_graph(xi, mask):
-                    with tf.name_scope(_SCOPE):
-                        return self._call(xi * tf.cast(mask, xi.dtype))
+                    return self._call(xi * tf.cast(mask, xi.dtype))
             else:
                 def chunk_graph(xi, a, mask):
                     replace = lambda out: a * tf.cast(mask, a.dtype)  # noqa: E731
-                    with tf.name_scope(_SCOPE), _intercepted([named[1]], _at_last_call(n_calls, replace)):
+                    with _intercepted([named[1]], _at_last_call(n_calls, replace)):
                         return self._call(tf.repeat(xi, mask.shape[0], axis=0))
-            self._graphs[key] = tf.function(chunk_graph)
+            self._graphs[key] = _scoped_function(chunk_graph)
         return self._graphs[key]
 
     @staticmethod
