@@ -74,9 +74,14 @@ def explain_on(port: Port, photos, *, layer, **kwargs) -> np.ndarray:
     return np.asarray(camcore.explain(port.model, port.inputs(photos), layer=layers, **kwargs))
 
 
-def explain_everywhere(ports, photos, **kwargs) -> dict[str, np.ndarray]:
-    """The same ``camcore.explain`` call on every port: ``{framework: maps}``."""
-    return {p.framework: explain_on(p, photos, **kwargs) for p in ports}
+def explain_everywhere(ports, photos, *, infos: dict | None = None, **kwargs) -> dict[str, np.ndarray]:
+    """The same ``camcore.explain`` call on every port: ``{framework: maps}``; ``infos`` given, each framework's
+    ``info=`` dict (how a gradient-free method ran) lands in ``infos[framework]``."""
+    maps = {}
+    for p in ports:
+        info = {} if infos is None else {"info": infos.setdefault(p.framework, {})}
+        maps[p.framework] = explain_on(p, photos, **kwargs, **info)
+    return maps
 
 
 def max_map_difference(maps: dict[str, np.ndarray], reference: str = "torch") -> dict[str, float]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import camcore
-from crossframework import explain_everywhere, explain_on, flax_port, keras_port, max_map_difference, torch_port
+from crossframework import explain_everywhere, flax_port, keras_port, max_map_difference, torch_port
 
 LAYERS = ["_conv_head", "_blocks.10"]
 MAP_TOL = 1e-3  # max abs difference of normalised maps
@@ -76,9 +76,9 @@ GRADIENT_FREE_CASES = [
 @pytest.mark.parametrize("method,layer,options", GRADIENT_FREE_CASES, ids=lambda v: str(v))
 def test_gradient_free_methods_give_the_same_maps_on_every_framework(ports, nchw, method, layer, options):
     assert {m for m, _, _ in GRADIENT_FREE_CASES} == GRADIENT_FREE  # every gradient-free method is covered
-    infos = {p.framework: {} for p in ports}
-    maps = {p.framework: explain_on(p, nchw[:2], method=method, layer=layer, targets=[281, 967], progress=False,
-                                    info=infos[p.framework], **options) for p in ports}
+    infos: dict = {}
+    maps = explain_everywhere(ports, nchw[:2], method=method, layer=layer, targets=[281, 967], progress=False,
+                              infos=infos, **options)
     assert all(m.shape == (2, 224, 224) and np.isfinite(m).all() for m in maps.values())
     diffs = max_map_difference(maps)
     assert max(diffs.values()) <= MAP_TOL, diffs
