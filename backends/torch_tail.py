@@ -34,7 +34,7 @@ class _Tracer(fx.Tracer):
         return m is self.target or super().is_leaf_module(m, qualname)
 
 
-def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple:
+def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphModule, fx.GraphModule, list]:
     """``(prefix, tail, computed)`` graph modules of ``model`` cut after the last call of ``module`` (see the
     module docstring); ``computed[j]`` says whether frontier value ``j`` (after ``A``) is computed (it may be
     changed in place by the tail, so each tail call needs its own copy) rather than a parameter or buffer.
