@@ -1,9 +1,21 @@
-"""Shared fixtures: the real pretrained model and real photos (loaded once per session)."""
+"""Test set-up (the environment the suite needs, set before any framework is imported) and shared fixtures: the
+real pretrained model and real photos, loaded once per session."""
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+# Before TensorFlow is first imported (test modules import it at collection, after this file). The suite must
+# pass from the README's plain `python -m pytest`, on any CPU:
+# - TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's oneDNN kernels (its default on x86) reorder float32 sums, which moves
+#   Keras maps at deep layers by up to 2e-3 from the PyTorch and Flax ports on AVX-512/AMX CPUs. The suite checks
+#   the ports against each other at 1e-3 with reproducible kernels; test_cross_framework runs a subprocess with
+#   oneDNN on (what users get) against the tolerance measured for it. An explicit setting is respected.
+# - TF_CPP_MIN_LOG_LEVEL=3 silences TensorFlow's start-up lines; MPLBACKEND=Agg: no display is needed.
+for _name, _value in {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(_name, _value)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 try:  # torchvision must load before tensorflow: the reverse order segfaults (torchvision 0.29, tensorflow 2.21)
     import torchvision  # noqa: F401
