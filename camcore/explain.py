@@ -24,8 +24,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         model: a ``torch.nn.Module``, a Keras 3 model (TensorFlow backend), a Flax linen ``(module, variables)``
             pair, a Flax nnx module, or a ``(features, head)`` pair of JAX functions; see ``docs/adapters.md``.
         inputs: a float batch in the model's own layout: ``(B, C, *S)`` for PyTorch, ``(B, *S, C)`` for
-            channels-last Keras and JAX models (S: 1, 2 or 3 spatial dims); an array of the model's framework
-            (NumPy is fine for Keras and JAX).
+            channels-last Keras and JAX models and channels-last torch models (S: 1, 2 or 3 spatial dims); an
+            array of the model's framework (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
             ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"``, ``"eigengradcam"``, or the gradient-free
             ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`).
@@ -42,7 +42,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             component instead of their sum. ``reshape``: a callable applied to activations and gradients
             before the formulas, e.g. :func:`camcore.tokens_to_grid` for vision transformers.
             ``model_mode`` ("eval"): or "as-is" to keep the modules' training flags. ``data_format``:
-            ``"channels_last"`` or ``"channels_first"`` for Keras/JAX models (default: read from the model).
+            ``"channels_last"`` or ``"channels_first"``, the layout of the inputs (default: read from the model;
+            a torch model converted from Keras through ONNX takes channels-last inputs).
             For ``"cam"``: ``classifier`` (name of the linear layer after global pooling; default: found
             automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps``
             for ``"gradcam++"`` and ``"xgradcam"``. Gradient-free methods: ``batch_size`` (32, masked copies
@@ -102,8 +103,11 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         else:
             w = None if spec.weights is None else spec.weights(a, g, **hyper)
         weighted = maps.weigh(w, a)
-        raw = (maps.principal_component(weighted) if spec.eigen or opts["eigen_smooth"]
-               else maps.channel_sum(weighted))
+        if spec.eigen or opts["eigen_smooth"]:  # oriented by the method's map, else by the activation energy
+            orient = spec.orient(a, g) if spec.orient else None if w is None else maps.channel_sum(weighted)
+            raw = maps.principal_component(weighted, orient=orient)
+        else:
+            raw = maps.channel_sum(weighted)
         cams.append(maps.relu(raw))
 
     size = _output_size(adapter.spatial_shape(inputs), cams, upsample)
@@ -192,6 +196,12 @@ def _output_size(input_size, cams, upsample):
     if len(input_size) != len(finest):
         raise ValueError(f"upsample: the maps have {len(finest)} spatial dims {finest} but the inputs have "
                          f"{len(input_size)} {tuple(input_size)}; pass upsample=False")
+    if any(m > n for m, n in zip(finest, input_size)) and any(m < n for m, n in zip(finest, input_size)):
+        # e.g. (7, 7) maps for inputs read as (B, C, H, W) = (B, 224, 224, 3): the spatial shape (224, 3) is wrong
+        raise ValueError(f"upsample: the maps {finest} are larger than the inputs' spatial shape "
+                         f"{tuple(input_size)} along one axis and smaller along another, so the inputs' layout was "
+                         f"misread; pass data_format='channels_last' (inputs (B, *spatial, C)) or "
+                         f"'channels_first' (inputs (B, C, *spatial)), or upsample=False")
     return tuple(input_size)
 
 

@@ -28,23 +28,27 @@ def channel_sum(weighted, /):
     return xp.sum(weighted, axis=1)
 
 
-def principal_component(weighted, /):
+def principal_component(weighted, /, *, orient=None):
     """Projection of each position's channel vector on the first principal component (Eigen-CAM, eq. (4)).
 
     For each sample, ``X`` is read as ``N = prod(S)`` points in ``R^C``, centred over the points, and projected
     on its first right singular vector ``v_1``: ``p = (X - mean) v_1``, shape ``(B, *S)``. The SVD's sign is
-    arbitrary; it is fixed so that ``p`` correlates non-negatively with the plain channel sum
-    ``sum_k X_k`` (so an Eigen-CAM map is never inverted).
+    arbitrary; it is fixed so that ``p`` has non-negative covariance with the ``(B, *S)`` map ``orient``, by
+    default the per-position energy ``e = sum_k X_k^2``: the side of the component where the layer responds
+    strongly is positive. That holds at layers with signed activations (a convolution before its batch norm, a
+    residual sum) as at rectified ones, where the channel sum does not (docs/methods.md, "Eigen-CAM sign").
+    Methods that weigh the activations pass their own map (EigenGrad-CAM: Grad-CAM's).
     """
     xp = array_namespace(weighted)
     b, c, *s = weighted.shape
     n = int(np.prod(s))
     points = xp.permute_dims(xp.reshape(weighted, (b, c, n)), (0, 2, 1))  # (B, N, C)
+    reference = xp.sum(points * points, axis=2) if orient is None else xp.reshape(orient, (b, n))  # (B, N)
     points = points - xp.mean(points, axis=1, keepdims=True)
     _, _, vh = xp.linalg.svd(points, full_matrices=False)
     v1 = vh[:, 0, :]  # (B, C)
     proj = xp.sum(points * v1[:, None, :], axis=2)  # (B, N), zero-mean over N
-    agreement = xp.sum(proj * xp.sum(points, axis=2), axis=1)  # covariance with the centred channel sum
+    agreement = xp.sum(proj * reference, axis=1)  # N times the covariance with the reference (proj has mean 0)
     sign = xp.where(agreement < 0, -xp.ones_like(agreement), xp.ones_like(agreement))
     return xp.reshape(proj * sign[:, None], (b, *s))
 

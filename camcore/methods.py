@@ -5,6 +5,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import maps
 from . import weights as W
 
 __all__ = ["Method", "METHODS", "get_method"]
@@ -16,6 +17,9 @@ class Method:
 
     ``weights(A, G, **hyper) -> (B, C) | (B, C, *S) | None`` (``None``: the activations unweighted);
     ``eigen``: reduce by the first principal component instead of the channel sum;
+    ``orient(A, G) -> (B, *S)``: the map that principal component is oriented to agree with (with ``eigen`` or
+    ``eigen_smooth``); ``None``: the method's own channel-sum map, or, for unweighted activations (Eigen-CAM), their
+    energy (see :func:`camcore.maps.principal_component`);
     ``needs_grads``: whether the backend must compute ``dy/dA``; ``hyper``: keyword options and defaults;
     ``perturbation``: for gradient-free methods, where the masks go, ``"input"`` (Score-CAM family, the weights
     from :func:`camcore.perturbation.score_weights`) or ``"layer"`` (Ablation-CAM).
@@ -25,8 +29,14 @@ class Method:
     weights: Callable | None
     needs_grads: bool = True
     eigen: bool = False
+    orient: Callable | None = None
     hyper: dict = field(default_factory=dict)
     perturbation: str | None = None
+
+
+def _gradcam_map(a, g):
+    """Grad-CAM's map ``sum_k mean(G_k) A_k`` (before its ReLU), ``(B, *S)``: EigenGrad-CAM's orientation."""
+    return maps.channel_sum(maps.weigh(W.gradcam(a, g), a))
 
 
 _MASKED = {"batch_size": 32, "progress": None}  # options of every gradient-free method
@@ -43,7 +53,7 @@ METHODS: dict[str, Method] = {
         Method("gradcam-elementwise", W.gradcam_elementwise),
         Method("layercam", W.layercam),
         Method("eigencam", None, needs_grads=False, eigen=True),
-        Method("eigengradcam", W.eigengradcam, eigen=True),
+        Method("eigengradcam", W.eigengradcam, eigen=True, orient=_gradcam_map),
         Method("scorecam", None, needs_grads=False, perturbation="input", hyper={**_SCORE}),
         Method("sscam", None, needs_grads=False, perturbation="input",
                hyper={**_SCORE, "num_samples": 10, "std": 2.0, "seed": 0}),

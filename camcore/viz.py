@@ -1,9 +1,10 @@
-"""Visualisation: a map laid over its image as a heat-map, written as PNG. Needs ``matplotlib`` (extra ``viz``)."""
+"""Visualisation: a map laid over its image as a heat-map, a caption, written as PNG. Needs ``matplotlib`` and
+``opencv-python-headless`` (extra ``viz``)."""
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["overlay", "save_png"]
+__all__ = ["overlay", "caption", "save_png"]
 
 
 def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
@@ -24,6 +25,20 @@ def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
     heat = colormaps[colormap](np.clip(cam, 0.0, 1.0))[..., :3].astype(np.float32)
     return (1.0 - alpha) * image + alpha * heat
+
+
+def caption(rgb, text: str, /, *, height: int = 24) -> np.ndarray:
+    """``(H, W, 3)`` float image in ``[0, 1]`` -> ``(height + H, W, 3)``: ``text`` written on a white band above it
+    (OpenCV's Hershey font, shrunk to fit the width)."""
+    import cv2
+
+    rgb = np.asarray(rgb, dtype=np.float32)
+    band = np.full((height, rgb.shape[1], 3), 255, dtype=np.uint8)  # OpenCV draws text on 8-bit images
+    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1
+    width = cv2.getTextSize(text, font, scale, thickness)[0][0]
+    scale *= min(1.0, (rgb.shape[1] - 8) / max(width, 1))
+    cv2.putText(band, text, (4, height - 8), font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    return np.concatenate([band.astype(np.float32) / 255.0, rgb], axis=0)
 
 
 def save_png(path, rgb) -> None:

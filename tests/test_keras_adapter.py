@@ -114,15 +114,15 @@ def np_gradcam(a, g, counterfactual=False):
 
 def np_eigencam(a):
     """Eigen-CAM from its definition: each sample's positions as points in R^C, centred, projected on the first
-    right singular vector; the sign chosen so the projection correlates non-negatively with the channel sum;
-    relu."""
+    right singular vector; the sign chosen so the projection correlates non-negatively with each position's energy
+    (sum of squares over channels); relu."""
     maps = []
     for sample in a.astype(np.float64):
-        pts = sample.reshape(sample.shape[0], -1).T  # (N, C)
-        pts = pts - pts.mean(axis=0)
+        raw = sample.reshape(sample.shape[0], -1).T  # (N, C)
+        pts = raw - raw.mean(axis=0)
         _, _, vt = np.linalg.svd(pts, full_matrices=False)
         proj = pts @ vt[0]
-        if np.dot(proj, pts.sum(axis=1)) < 0:
+        if np.dot(proj, (raw**2).sum(axis=1)) < 0:
             proj = -proj
         maps.append(np.maximum(proj, 0.0).reshape(sample.shape[1:]))
     return np.stack(maps)

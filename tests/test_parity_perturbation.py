@@ -168,7 +168,7 @@ def camcore_ablation_weights(model, x, layer, targets):
 def photo(name, size):
     from camcore.demo import load_photo, to_tensor
 
-    return to_tensor([load_photo(name, size=size)])
+    return to_tensor([load_photo(name, size=size)], size=size)
 
 
 def test_pgc_ablationcam_zero_ablation_effnet_full_layer(effnet):

@@ -627,7 +627,7 @@ def test_effnet_tail_check_accepts_float32_rounding(effnet):
     from camcore.backends.torch_tail import Tail
     from camcore.demo import load_photo, to_tensor
 
-    x = to_tensor([load_photo("coffee", size=112)])
+    x = to_tensor([load_photo("coffee", size=112)], size=112)
     with torch.no_grad():
         logits = effnet(x)
     paths = []
