@@ -15,7 +15,7 @@ import difflib
 import sys
 
 __all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "masked_rows",
-           "MODEL_KINDS"]
+           "camcore_error", "model_error", "MODEL_KINDS"]
 
 MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
                "or a (features, head) pair of JAX functions")
@@ -49,6 +49,36 @@ def check_data_format(data_format, default: str) -> bool:
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format: expected one of {DATA_FORMATS} or None, got {data_format!r}")
     return data_format == "channels_last"
+
+
+def camcore_error(err: Exception) -> Exception:
+    """Mark ``err`` as raised by camcore itself (e.g. in a hook, inside the model's forward pass), so that
+    :func:`model_error` passes it on unchanged."""
+    err._camcore = True
+    return err
+
+
+def model_error(err: Exception, shape, channels_last: bool) -> Exception:
+    """The error to raise, ``from err``, when the model's forward pass on inputs of ``shape`` raised ``err``: the
+    same type (``RuntimeError`` if that type cannot take a message) with the inputs' shape and, where the last
+    dimension looks like channels (1, 3 or 4) and the second does not, the hint to permute them or to pass
+    ``data_format``. camcore's own errors (:func:`camcore_error`) come back as they are."""
+    if getattr(err, "_camcore", False):
+        return err
+    shape = tuple(shape)
+    first = str(err).splitlines()[0] if str(err) else ""
+    msg = f"model: the forward pass of inputs of shape {shape} raised {type(err).__name__}: {first}"
+    looks_last = len(shape) >= 3 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4)
+    if looks_last and not channels_last:
+        perm = ", ".join(map(str, (0, len(shape) - 1, *range(1, len(shape) - 1))))
+        msg += (f"; the inputs look channels-last (B, *spatial, C) but were given as channels-first "
+                f"(B, C, *spatial): permute them (x.permute({perm})) for a channels-first model, or pass "
+                f"data_format='channels_last' if the model takes channels-last inputs")
+    try:
+        new = type(err)(msg)
+    except Exception:  # an exception type whose constructor takes other arguments
+        new = RuntimeError(msg)
+    return camcore_error(new)
 
 
 def unknown_layer(layer, names) -> ValueError:

@@ -15,7 +15,8 @@ import torch
 
 from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
+from . import (camcore_error, check_batch_size, check_data_format, check_masks, masked_rows, model_error,
+               unknown_layer)
 from .torch_tail import Tail
 
 __all__ = ["TorchAdapter"]
@@ -51,19 +52,22 @@ class TorchAdapter:
             after every call, also when the model raises).
         model_mode: ``"eval"`` (default) runs the call in inference mode (dropout off, batch-norm statistics
             frozen); ``"as-is"`` keeps each module's own ``training`` flag (buffers are restored afterwards).
-        data_format: ``None`` or ``"channels_first"``: PyTorch models are channels-first.
+        data_format: the layout of the *inputs*: ``"channels_first"`` ``(B, C, *S)``, ``"channels_last"``
+            ``(B, *S, C)`` (e.g. a Keras model converted through ONNX with ``tf2onnx`` + ``onnx2torch``), or
+            ``None``: channels-last when the model's first convolution takes as many channels as the inputs' last
+            dimension and not as many as their second, else channels-first. The layers' activations are
+            channels-first either way, as PyTorch's modules compute them (``reshape=`` handles others).
     """
-
-    channels_last = False
 
     def __init__(self, model: torch.nn.Module, *, model_mode: str = "eval", data_format: str | None = None):
         if model_mode not in _MODES:
             raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
-        if check_data_format(data_format, "channels_first"):
-            raise ValueError("data_format: PyTorch models are channels-first (B, C, *spatial); got "
-                             "'channels_last'; permute the inputs and leave data_format=None")
         self.model = model
         self.model_mode = model_mode
+        # True/False: channels-last/first inputs as given; None: read from the model for each batch of inputs
+        self._given_last = None if data_format is None else check_data_format(data_format, "channels_first")
+        conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+        self._in_channels = None if conv is None else conv.in_channels  # of the first convolution: the layout
 
     @staticmethod
     def concrete(a) -> bool:
@@ -105,7 +109,7 @@ class TorchAdapter:
 
         with self._session() as hooks, torch.no_grad():
             hooks.extend(m.register_forward_hook(hook) for m in names)
-            self.model(inputs)
+            self._forward(inputs)
         if not seen:
             raise ValueError("layer: no module of the model outputs a channels-first feature map of the "
                              "inputs' rank; name the layer to explain")
@@ -115,20 +119,34 @@ class TorchAdapter:
         return [n for n, _ in self.model.named_modules() if n]
 
     # ----------------------------------------------------------------------------------------- inputs
-    @staticmethod
-    def check_inputs(inputs) -> None:
+    def channels_last(self, inputs) -> bool:
+        """Whether ``inputs`` are laid out ``(B, *S, C)``: ``data_format`` if given, else read from the model's
+        first convolution (see the class docstring)."""
+        if self._given_last is not None:
+            return self._given_last
+        return inputs.ndim >= 3 and inputs.shape[-1] == self._in_channels != inputs.shape[1]
+
+    def check_inputs(self, inputs) -> None:
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"inputs: expected a torch.Tensor for a PyTorch model, got {type(inputs).__name__}")
+        layout = "(B, *spatial, C)" if self.channels_last(inputs) else "(B, C, *spatial)"
         if not inputs.is_floating_point():
-            raise TypeError(f"inputs: expected a floating-point tensor (B, C, *spatial), got dtype {inputs.dtype}")
+            raise TypeError(f"inputs: expected a floating-point tensor {layout}, got dtype {inputs.dtype}")
         if inputs.ndim < 2 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs: expected a non-empty batch (B, C, *spatial) with B >= 1, "
+            raise ValueError(f"inputs: expected a non-empty batch {layout} with B >= 1, "
                              f"got shape {tuple(inputs.shape)}")
 
-    @staticmethod
-    def spatial_shape(inputs) -> tuple[int, ...]:
-        """The inputs' spatial size ``S`` of ``(B, C, *S)``."""
-        return tuple(inputs.shape[2:])
+    def spatial_shape(self, inputs) -> tuple[int, ...]:
+        """The inputs' spatial size ``S`` of ``(B, C, *S)`` or, channels-last, ``(B, *S, C)``."""
+        return tuple(inputs.shape[1:-1] if self.channels_last(inputs) else inputs.shape[2:])
+
+    def _forward(self, x):
+        """``model(x)``; an error of the model's own comes back with the inputs' shape and a layout hint
+        (:func:`camcore.backends.model_error`), the original as its ``__cause__``."""
+        try:
+            return self.model(x)
+        except Exception as err:
+            raise model_error(err, x.shape, self.channels_last(x)) from err
 
     # ------------------------------------------------------------------------------------ the session
     @contextlib.contextmanager
@@ -179,8 +197,8 @@ class TorchAdapter:
         def make_hook(i, name):
             def hook(module, args, out):
                 if not isinstance(out, torch.Tensor):
-                    raise TypeError(f"layer: {name!r} returns {type(out).__name__}, not a tensor; pick a layer "
-                                    f"whose output is one tensor")
+                    raise camcore_error(TypeError(f"layer: {name!r} returns {type(out).__name__}, not a tensor; "
+                                                  f"pick a layer whose output is one tensor"))
                 if not gradients:
                     captured[i] = out.detach().clone()
                     return None
@@ -195,7 +213,7 @@ class TorchAdapter:
         with self._session() as hooks:
             hooks.extend(m.register_forward_hook(make_hook(i, n)) for i, (n, m) in enumerate(named))
             torch.set_grad_enabled(False)
-            outputs = self.model(inputs)
+            outputs = self._forward(inputs)
             missing = [n for i, (n, _) in enumerate(named) if i not in captured]
             if missing:
                 raise ValueError(f"layer: {missing[0]!r} did not run during the forward pass of the inputs")
@@ -218,9 +236,10 @@ class TorchAdapter:
         """Target scores of the model with masks multiplied into the inputs or into a layer's activations.
 
         Args:
-            inputs: ``(B, C, *S)``.
+            inputs: ``(B, C, *S)``, or ``(B, *S, C)`` for channels-last inputs.
             masks: ``(M, *shape)`` shared by all samples or ``(B, M, *shape)`` per sample, where ``shape``
-                broadcasts against one sample at ``at`` (e.g. ``(1, H, W)`` spatial masks on the input,
+                broadcasts against one channels-first sample at ``at`` (e.g. ``(1, H, W)`` spatial masks on the
+                input, also for channels-last inputs, where they are moved to the inputs' layout here;
                 ``(C, 1, 1)`` channel masks on a layer).
             at: ``"input"``, or a layer (name or module) whose output, at its last call, is multiplied by the mask.
             targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
@@ -255,12 +274,15 @@ class TorchAdapter:
             if layer is not None:
                 hooks.append(layer[1].register_forward_hook(hook))
             if layer is not None or targets is None:  # shape at `at`, and the top classes
-                plain = self.model(inputs)
+                plain = self._forward(inputs)
                 idx = None if callable(targets) else class_indices(targets, plain).tolist()
                 calls[1] = calls[0]
             if layer is not None and not probe:
                 raise ValueError(f"at: layer {layer[0]!r} did not run during the forward pass of the inputs")
-            per_sample = check_masks(masks.shape, b, inputs.shape if layer is None else probe[-1], at)
+            last = layer is None and self.channels_last(inputs)  # input masks come channels-first
+            at_shape = (b, inputs.shape[-1], *inputs.shape[1:-1]) if last else inputs.shape
+            per_sample = check_masks(masks.shape, b, at_shape if layer is None else probe[-1], at)
+            masks = torch.movedim(masks, 2 if per_sample else 1, -1) if last else masks
             checked = [layer is not None or not isinstance(targets, list)]  # else: range-check on first use
 
             def pick(i, out, m):
@@ -274,9 +296,9 @@ class TorchAdapter:
             def full(i, chunk):
                 x = inputs[i : i + 1]
                 if layer is None:
-                    return pick(i, self.model(x * chunk), chunk.shape[0])
+                    return pick(i, self._forward(x * chunk), chunk.shape[0])
                 current["mask"], calls[0] = chunk, 0
-                return pick(i, self.model(x.expand(chunk.shape[0], *x.shape[1:])), chunk.shape[0])
+                return pick(i, self._forward(x.expand(chunk.shape[0], *x.shape[1:])), chunk.shape[0])
 
             score, info["path"] = full, "full"
             if layer is not None:

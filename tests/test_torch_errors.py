@@ -313,6 +313,25 @@ def test_forward_masked_batch_size():
         TorchAdapter(small()).forward_masked(images(), torch.ones(2, 1, 16, 16), batch_size=0)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "scorecam"])
+def test_channels_last_image_to_a_channels_first_model_names_shape_and_layout(effnet, photo_batch, method):
+    """The model's own error comes back with the inputs' shape and the hint to permute or pass data_format (its
+    type kept, the original as __cause__), instead of a bare conv-weight mismatch from deep inside the model."""
+    x = torch.zeros(2, 224, 225, 4)  # channels-last, and 4 channels: no layout makes it the model's input
+    snap = snapshot(effnet)
+    with pytest.raises(RuntimeError, match=r"model: the forward pass of inputs of shape \(2, 224, 225, 4\) raised "
+                                           r"RuntimeError: .*look channels-last.*x\.permute\(0, 3, 1, 2\).*"
+                                           r"data_format='channels_last'") as caught:
+        camcore.explain(effnet, x, method=method, layer="_conv_head",
+                        **({"progress": False} if method == "scorecam" else {}))
+    assert isinstance(caught.value.__cause__, RuntimeError) and "weight of size" in str(caught.value.__cause__)
+    assert_untouched(effnet, snap)
+    # a model error on inputs that do not look channels-last carries no layout hint; the type is kept
+    with pytest.raises(RuntimeError, match=r"inputs of shape \(3, 3, 16, 16\) raised RuntimeError: boom") as caught:
+        camcore.explain(small(RaisingNet), images(), method="gradcam", layer="features.3")
+    assert "channels-last" not in str(caught.value)
+
+
 # ------------------------------------------------------------------------------ grad modes
 def test_explain_inside_inference_mode():
     """Regression: under ``torch.inference_mode()`` explain once raised "the target scores do not depend on

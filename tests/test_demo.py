@@ -1,0 +1,59 @@
+"""The demo and its helpers: the photos a user passes are checked (uint8 scaled, any size resized, 0-255 floats
+refused), and every picture the demo writes names the method and the class it explains."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from camcore import demo
+
+
+def test_to_tensor_takes_uint8_and_any_size(photos):
+    chelsea = photos[0]
+    as_uint8 = np.round(chelsea * 255).astype(np.uint8)
+    x, y = demo.to_tensor([chelsea]), demo.to_tensor([as_uint8])
+    assert x.shape == y.shape == (1, 3, 224, 224)
+    assert (x - y).abs().max() <= 0.5 / 255 / demo.STD.min() + 1e-6  # uint8 rounding only
+    # ImageNet-normalised values of a [0, 1] photo lie in [-mean/std, (1 - mean)/std]
+    assert float(y.min()) >= float((-demo.MEAN / demo.STD).min()) - 1e-6
+    assert float(y.max()) <= float(((1 - demo.MEAN) / demo.STD).max()) + 1e-6
+    big = np.asarray(np.random.default_rng(0).integers(0, 256, (300, 451, 3)), dtype=np.uint8)
+    assert demo.to_tensor([big, chelsea]).shape == (2, 3, 224, 224)
+    assert demo.to_tensor([chelsea], size=64).shape == (1, 3, 64, 64)
+
+
+def test_to_tensor_refuses_what_it_cannot_read(photos):
+    with pytest.raises(ValueError, match=r"photos\[0\]: expected float values in \[0, 1\] \(or a uint8 photo\), got "
+                                         r"values in \[0\.6448, 210\.9\]; divide a 0-255 float photo by 255"):
+        demo.to_tensor([photos[0] * 255])
+    with pytest.raises(ValueError, match=r"photos\[1\]: expected an \(H, W, 3\) RGB photo, got shape \(224, 224\)"):
+        demo.to_tensor([photos[0], photos[0][..., 0]])
+    with pytest.raises(ValueError, match=r"photos\[0\]: expected float values in \[0, 1\] or uint8, got dtype int64"):
+        demo.to_tensor([np.zeros((4, 4, 3), dtype=np.int64)])
+
+
+def test_demo_targets_are_ranked_high_and_boxes_lie_in_the_photos(effnet, photo_batch):
+    with torch.no_grad():
+        probs = effnet(photo_batch).softmax(1)
+    for name, p in zip(demo.PHOTOS, probs):
+        rank = int((p > p[demo.TARGETS[name]]).sum()) + 1
+        assert rank <= 3, (name, rank)  # the class explained is one the model ranks in its top 3
+        x0, y0, x1, y1 = demo.OBJECT_BOXES[name]
+        assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+
+
+def test_demo_names_method_and_class_on_every_picture(tmp_path, capsys):
+    from matplotlib import image
+
+    demo.main(["--out", str(tmp_path), "--methods", "gradcam", "eigencam"])
+    printed = capsys.readouterr().out
+    for cls in ("tabby cat", "espresso", "barbell", "missile"):
+        assert cls in printed
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 2 * len(demo.PHOTOS)
+    for path in pngs:
+        rgb = image.imread(path)[..., :3]
+        assert rgb.shape == (24 + 224, 448, 3)
+        band = rgb[:24]
+        assert (band < 0.5).mean() > 0.02, path  # dark text written on the white caption band
