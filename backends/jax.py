@@ -793,6 +793,10 @@ class JaxAdapter:
             self._jits[key] = jax.jit(chunk_scores)
         return self._jits[key]
 
+    def traces(self) -> int:
+        """How many times this adapter's cached ``jax.jit`` functions have been traced and compiled so far."""
+        return sum((f[0] if isinstance(f, tuple) else f)._cache_size() for f in self._jits.values())
+
     @staticmethod
     def _fell_back(info, name, reason, stacklevel):
         """Record (``info["reason"]``) and warn that the eager passes ran instead of the jitted ones."""

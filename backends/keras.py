@@ -485,6 +485,11 @@ class KerasAdapter:
             self._graphs[key] = _scoped_function(chunk_graph)
         return self._graphs[key]
 
+    def traces(self) -> int:
+        """How many times this adapter's cached ``tf.function`` graphs have been traced so far."""
+        graphs = [g[0] if isinstance(g, tuple) else g for g in self._graphs.values()]
+        return sum(g.experimental_get_tracing_count() for g in graphs if hasattr(g, "experimental_get_tracing_count"))
+
     @staticmethod
     def _fell_back(info, named, reason, stacklevel):
         """Record (``info["reason"]``) and warn that the eager passes ran instead of the graph."""

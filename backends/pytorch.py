@@ -64,6 +64,7 @@ class TorchAdapter:
             raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
         self.model = model
         self.model_mode = model_mode
+        self._tails: dict = {}  # forward_masked's torch.fx split per layer module, or why it could not be built
         # True/False: channels-last/first inputs as given; None: read from the model for each batch of inputs
         self._given_last = None if data_format is None else check_data_format(data_format, "channels_first")
         conv = next((m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
@@ -314,7 +315,16 @@ class TorchAdapter:
         model's outputs for the first sample; ``None`` (with ``info["reason"]`` and a warning) when unusable."""
         name, module = layer
         try:
-            tail = Tail(self.model, module)
+            tail = self._tails.get(module)
+            if isinstance(tail, Exception):
+                raise tail
+            if tail is None:
+                try:
+                    tail = self._tails[module] = Tail(self.model, module)
+                except Exception as err:  # untraceable: remembered, the next call falls back at once
+                    self._tails[module] = err
+                    raise
+            tail.reset()
             ones = torch.ones((1, *[1] * (inputs.ndim - 1)), dtype=inputs.dtype, device=inputs.device)
             got, want = tail(0, inputs[:1], ones), plain
             got_leaves, want_leaves = _tensors(got), _tensors(want)
@@ -331,6 +341,10 @@ class TorchAdapter:
             warnings.warn(f"forward_masked: could not run only the layers after {name!r} ({reason}); ran the whole "
                           f"model for every mask instead (slower, same scores)", RuntimeWarning, stacklevel=3)
             return None
+
+    def traces(self) -> int:
+        """How many graphs this adapter has built so far (``torch.fx`` splits for the tail path)."""
+        return sum(1 for t in self._tails.values() if isinstance(t, Tail))
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the model's last

@@ -72,11 +72,15 @@ class Tail:
 
     ``tail(i, x, masks)``: ``x`` is sample ``i`` (``(1, C, *S)``), ``masks`` ``(M, *shape)`` broadcasting against
     one sample's activations ``(C, *s)``; returns the outputs batched as ``(M, ...)``. The prefix runs once per
-    sample (cached by ``i``); the tail runs under ``torch.func.vmap`` over the masks."""
+    sample (cached by ``i`` until :meth:`reset`); the tail runs under ``torch.func.vmap`` over the masks."""
 
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module):
         self.prefix, self.tail, self._computed = split_at(model, module)
         self._sample: tuple | None = None
+
+    def reset(self) -> None:
+        """Forget the cached prefix of the last sample (before new inputs)."""
+        self._sample = None
 
     def __call__(self, i: int, x, masks):
         if self._sample is None or self._sample[0] != i:

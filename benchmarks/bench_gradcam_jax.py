@@ -1,7 +1,7 @@
 """Grad-CAM at ``_conv_head`` of the pretrained EfficientNet-Lite0 on JAX: eager vs ``jax.jit`` vs PyTorch.
 
 The same real model on two frameworks: the PyTorch original and camcore's Flax linen port of its weights
-(``camcore.backends.ports``). Reports, for batch 8 of real photos, the first call (eager: every op compiles;
+(``camcore.ports``). Reports, for batch 8 of real photos, the first call (eager: every op compiles;
 jit: tracing + XLA compilation) and the median of repeated calls, their ratios, and the max abs difference of
 the maps between the three paths.
 
@@ -45,7 +45,7 @@ def main():
     import torch
 
     import camcore
-    from camcore.backends.ports import flax_efficientnet_lite
+    from camcore.ports import flax_efficientnet_lite
     from camcore.demo import PHOTOS, load_model, load_photo, to_tensor
 
     photos = [load_photo(PHOTOS[i % len(PHOTOS)]) for i in range(args.batch)]

@@ -7,7 +7,7 @@ difference of the two results at the layer's resolution.
     python benchmarks/bench_gradcam_keras.py [--batch 8] [--repeats 7] [--mem-repeats 3] [--warmup 2]
                                              [--malloc-default]
 
-The model is ``camcore.backends.ports.keras_efficientnet_lite(camcore.demo.load_model())``; the batch repeats the
+The model is ``camcore.ports.keras_efficientnet_lite(camcore.demo.load_model())``; the batch repeats the
 four real photos. Both libraries do the same job: the same explicit per-sample classes (each sample's top class,
 computed once beforehand: tf-keras-vis has no top-class default), Grad-CAM at ``_conv_head``, upsampled to
 224 x 224 and normalised -- camcore ``explain(kmodel, x, method="gradcam", layer="_conv_head", targets=top)``,
@@ -49,7 +49,7 @@ _LIBS = {"camcore": "camcore", "tkv": "tf-keras-vis"}
 def setup(batch: int):
     """The Keras port of the pretrained model, ``(batch, 224, 224, 3)`` float32 NumPy photos, each sample's top
     class (one forward pass, outside every measurement)."""
-    from camcore.backends.ports import keras_efficientnet_lite
+    from camcore.ports import keras_efficientnet_lite
     from camcore.demo import MEAN, PHOTOS, STD, load_model, load_photo
 
     kmodel = keras_efficientnet_lite(load_model())  # the torch model is only read, then dropped

@@ -68,7 +68,7 @@ def keras_runners(torch_model, x, batch_size, results, infos):
     from tf_keras_vis.scorecam import Scorecam
     from tf_keras_vis.utils.scores import CategoricalScore
 
-    from camcore.backends.ports import keras_efficientnet_lite
+    from camcore.ports import keras_efficientnet_lite
 
     keras.utils.disable_interactive_logging()  # tf-keras-vis calls model.predict, which draws a progress bar
     kmodel = keras_efficientnet_lite(torch_model)
@@ -89,7 +89,7 @@ def keras_runners(torch_model, x, batch_size, results, infos):
 def jax_runners(torch_model, x, batch_size, results, infos):
     import jax
 
-    from camcore.backends.ports import flax_efficientnet_lite
+    from camcore.ports import flax_efficientnet_lite
 
     module, variables = flax_efficientnet_lite(torch_model)
     forward = jax.jit(lambda b: module.apply(variables, b))

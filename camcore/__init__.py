@@ -6,9 +6,9 @@ formulas (:mod:`camcore.weights`) and post-processing (:mod:`camcore.maps`) are 
 Importing camcore imports no deep-learning framework.
 """
 from . import maps, targets, weights
-from .explain import explain
+from .explain import Explainer, explain
 from .methods import METHODS
 from .tokens import tokens_to_grid
 
 __version__ = "0.1.0"
-__all__ = ["explain", "METHODS", "tokens_to_grid", "maps", "targets", "weights", "__version__"]
+__all__ = ["explain", "Explainer", "METHODS", "tokens_to_grid", "maps", "targets", "weights", "__version__"]

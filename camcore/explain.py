@@ -1,19 +1,42 @@
-"""``camcore.explain``: one call from a model and inputs to class-activation maps, on any backend."""
+"""``camcore.explain`` and ``camcore.Explainer``: from a model and inputs to class-activation maps, on any backend.
+
+``Explainer(model, method=..., layer=..., **options)`` checks its options and builds the backend adapter once, so
+what the adapter compiles or traces (Keras ``tf.function`` graphs, JAX ``jit`` functions, PyTorch ``torch.fx``
+tails) serves every later call; ``explain(model, inputs, ...)`` is the one-shot form. Calls on one model are
+serialised by a lock per model (re-entrant), so threads sharing a model never interleave the hooks, patched
+layer calls and mode switches that one call puts on it and takes off again.
+"""
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from collections.abc import Callable
 
 from . import maps
-from . import perturbation as P
-from ._xp import array_namespace, float32, spatial_axes, to_host
-from .methods import get_method
-from .targets import check_targets, class_indices, target_scores
-from .weights import cam as cam_weights_for
+from ._xp import array_namespace, float32
+from .methods import Context, get_method
+from .targets import check_targets
 
-__all__ = ["explain"]
+__all__ = ["explain", "Explainer"]
 
 _COMMON = {"counterfactual": False, "eigen_smooth": False, "reshape": None, "model_mode": "eval",
-           "data_format": None, "classifier": None, "cam_weights": None, "info": None}
+           "data_format": None, "info": None}
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one re-entrant lock per model object
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model):
+    """The re-entrant lock of ``model`` (a context manager); models that cannot be weakly referenced (a Flax
+    ``(module, variables)`` tuple, a pair of functions: pure, never changed) need none and get a no-op."""
+    try:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.get(model)
+            if lock is None:
+                lock = _LOCKS[model] = threading.RLock()
+        return lock
+    except TypeError:
+        return contextlib.nullcontext()
 
 
 def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: bool = True,
@@ -57,80 +80,89 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
         model's channel layout.
     """
-    from camcore.backends import adapter_for  # import here: camcore itself imports no framework
-
-    spec = get_method(method)
-    allowed = {**_COMMON, **spec.hyper}
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"explain: unknown option(s) {', '.join(map(repr, unknown))} for method {spec.name!r}; "
-                        f"expected any of {', '.join(sorted(allowed))}")
-    opts = {**allowed, **options}
-    hyper = {k: opts[k] for k in spec.hyper}
-    if opts["counterfactual"] and not (spec.needs_grads or spec.name == "cam"):
-        raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
-                         f"use a gradient method such as 'gradcam'")
-    if spec.perturbation:
-        hyper = P.check_options(spec.name, hyper, opts["reshape"])
-    if spec.name != "cam" and (opts["classifier"] is not None or opts["cam_weights"] is not None):
-        raise TypeError(f"explain: 'classifier' and 'cam_weights' apply to method='cam' only, not {spec.name!r}")
-
-    adapter = adapter_for(model, model_mode=opts["model_mode"], data_format=opts["data_format"])
-    adapter.check_inputs(inputs)
-    targets = check_targets(targets, inputs.shape[0])
-    # only a list means several layers: a tuple can be one layer's path (Flax)
-    layers = list(layer) if isinstance(layer, list) else [adapter.default_layer(inputs) if layer is None else layer]
-    if not layers:
-        raise ValueError("layer: expected a layer or a non-empty list of layers, got an empty list")
-    names = [adapter.resolve_layer(lay)[0] for lay in layers]
-    outputs, acts, grads = adapter.activations_and_grads(inputs, layers, targets, gradients=spec.needs_grads)
-    reshape: Callable | None = opts["reshape"]
-    classes = _classes(targets, outputs) if spec.perturbation else None
-
-    cams = []
-    for name, a, g in zip(names, acts, grads):
-        a = float32(reshape(a) if reshape else a)
-        g = None if g is None else float32(reshape(g) if reshape else g)
-        if adapter.concrete(a):  # values exist (not a jit trace): check them
-            _check_layer_arrays(name, a, g)
-        if opts["counterfactual"] and g is not None:
-            g = -g
-        if spec.name == "cam":
-            w = _cam_weights(adapter, name, a, outputs, targets, opts)
-            w = -w if opts["counterfactual"] else w
-        elif spec.perturbation:
-            w = _perturbation_weights(spec, adapter, inputs, name, a, outputs, targets, classes, hyper, opts["info"])
-        else:
-            w = None if spec.weights is None else spec.weights(a, g, **hyper)
-        weighted = maps.weigh(w, a)
-        if spec.eigen or opts["eigen_smooth"]:  # oriented by the method's map, else by the activation energy
-            orient = spec.orient(a, g) if spec.orient else None if w is None else maps.channel_sum(weighted)
-            raw = maps.principal_component(weighted, orient=orient)
-        else:
-            raw = maps.channel_sum(weighted)
-        cams.append(maps.relu(raw))
-
-    size = _output_size(adapter.spatial_shape(inputs), cams, upsample)
-    out = maps.fuse(cams, size)
-    return adapter.to_native(maps.normalize(out) if normalize else out, inputs)
+    return Explainer(model, method=method, layer=layer, normalize=normalize, upsample=upsample,
+                     **options)(inputs, targets=targets)
 
 
-def _classes(targets, outputs):
-    """A callable target as it is, else one host int class index per sample."""
-    return targets if callable(targets) else to_host(class_indices(targets, outputs)).tolist()
+class Explainer:
+    """A persistent :func:`explain` for one model: ``Explainer(model, method=..., layer=..., **options)`` checks the
+    options, builds the backend adapter and resolves the named layers once; ``explainer(inputs, targets=...)``
+    returns the maps, and what the adapter compiled on the first call (graphs, jitted functions, fx tails) serves
+    the later ones. Arguments as for :func:`explain`; ``layer=None`` picks the default layer on the first call
+    and keeps it. Also a context manager: leaving it (or :meth:`close`) releases the adapter and its graphs.
 
+    The model is never changed between or after calls; its weights may change between calls (they are read at
+    each call), its structure (the layers, the graph) should not, since compiled tails follow the first call's.
+    Calls on one model, from any number of Explainers and threads, are serialised by a lock per model.
+    """
 
-def _perturbation_weights(spec, adapter, inputs, name, a, outputs, targets, classes, hyper, info):
-    if not adapter.concrete(a):
-        raise ValueError(f"method: {spec.name!r} chooses its masks from the activations' values, so it runs "
-                         f"eagerly; call explain outside jax.jit (the forward passes are compiled inside)")
-    host = to_host(a)
-    run = {k: hyper[k] for k in ("batch_size", "progress")}
-    if spec.perturbation == "layer":
-        y = target_scores(targets, outputs, a.shape[0])[0]
-        return P.ablation_weights(adapter, inputs, name, a, host, y, classes, info=info, **run)
-    return P.score_weights(adapter, inputs, a, host, classes, variant=spec.name, info=info,
-                           **{k: v for k, v in hyper.items() if k not in run}, **run)
+    def __init__(self, model, *, method: str, layer=None, normalize: bool = True, upsample: bool = True,
+                 **options):
+        from camcore.backends import adapter_for  # import here: camcore itself imports no framework
+
+        spec = get_method(method)
+        allowed = {**_COMMON, **spec.hyper}
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"explain: unknown option(s) {', '.join(map(repr, unknown))} for method {spec.name!r}; "
+                            f"expected any of {', '.join(sorted(allowed))}")
+        opts = {**allowed, **options}
+        if opts["counterfactual"] and not spec.counterfactual:
+            raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
+                             f"use a gradient method such as 'gradcam'")
+        self.model, self.method, self.normalize, self.upsample = model, spec, normalize, upsample
+        self._hyper = spec.check({k: opts[k] for k in spec.hyper}, reshape=opts["reshape"])
+        self._opts = opts
+        self._adapter = adapter_for(model, model_mode=opts["model_mode"], data_format=opts["data_format"])
+        # only a list means several layers: a tuple can be one layer's path (Flax)
+        self._layers = None if layer is None else list(layer) if isinstance(layer, list) else [layer]
+        if self._layers == []:
+            raise ValueError("layer: expected a layer or a non-empty list of layers, got an empty list")
+        self._names = None if self._layers is None else [self._adapter.resolve_layer(lay)[0] for lay in self._layers]
+
+    @property
+    def adapter(self):
+        """The backend adapter (``camcore.backends``); ``RuntimeError`` once the Explainer is closed."""
+        if self._adapter is None:
+            raise RuntimeError("Explainer: this Explainer is closed; make a new one")
+        return self._adapter
+
+    def __call__(self, inputs, targets=None, *, info: dict | None = None):
+        """Maps ``(B, *S)`` of ``inputs`` for ``targets`` (as :func:`explain`); ``info`` overrides the option."""
+        adapter, opts = self.adapter, self._opts
+        with model_lock(self.model):
+            adapter.check_inputs(inputs)
+            targets = check_targets(targets, inputs.shape[0])
+            if self._layers is None:
+                self._layers = [adapter.default_layer(inputs)]
+                self._names = [adapter.resolve_layer(self._layers[0])[0]]
+            outputs, acts, grads = adapter.activations_and_grads(inputs, self._layers, targets,
+                                                                 gradients=self.method.needs_grads)
+            reshape: Callable | None = opts["reshape"]
+            cams = []
+            for name, a, g in zip(self._names, acts, grads):
+                a = float32(reshape(a) if reshape else a)
+                g = None if g is None else float32(reshape(g) if reshape else g)
+                if adapter.concrete(a):  # values exist (not a jit trace): check them
+                    _check_layer_arrays(name, a, g)
+                if opts["counterfactual"] and g is not None:
+                    g = -g
+                ctx = Context(name, a, g, outputs, targets, adapter, inputs, counterfactual=opts["counterfactual"],
+                              eigen_smooth=opts["eigen_smooth"], info=opts["info"] if info is None else info)
+                cams.append(maps.relu(self.method(ctx, **self._hyper)))
+            out = maps.fuse(cams, _output_size(adapter.spatial_shape(inputs), cams, self.upsample))
+            return adapter.to_native(maps.normalize(out) if self.normalize else out, inputs)
+
+    def close(self) -> None:
+        """Release the adapter and what it compiled; later calls raise."""
+        self._adapter = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def _check_layer_arrays(name, a, g):
@@ -150,43 +182,6 @@ def _check_layer_arrays(name, a, g):
         raise ValueError(f"layer: the target scores have zero gradient w.r.t. {name!r} for sample(s) {samples}: "
                          f"the layer does not influence the target there (saturated or disconnected); pick "
                          f"another layer or target")
-
-
-def _cam_weights(adapter, name, a, outputs, targets, opts):
-    """CAM's ``(B, C)`` weights: rows of the user's ``cam_weights``, or of the classifier, checked to be the
-    linear layer applied to the global average of ``a`` (CAM's premise)."""
-    xp = array_namespace(a)
-    c = a.shape[1]
-    logits = outputs if hasattr(outputs, "ndim") and outputs.ndim == 2 else None
-    if callable(targets) or (logits is None and targets is None):
-        raise ValueError("targets: method='cam' explains a class: pass class indices (an int or one per sample), "
-                         "or None with a model that returns (B, num_classes) logits")
-    idx = (class_indices(targets, float32(logits)) if logits is not None
-           else xp.asarray(targets))
-    if opts["cam_weights"] is not None:
-        wm = xp.asarray(opts["cam_weights"])
-        if wm.ndim != 2 or wm.shape[1] != c:
-            raise ValueError(f"cam_weights: expected a (num_classes, {c}) matrix for layer {name!r} with {c} "
-                             f"channels, got shape {tuple(wm.shape)}")
-        if adapter.concrete(idx) and int(xp.max(idx)) >= wm.shape[0]:
-            raise ValueError(f"targets: class index {int(xp.max(idx))} is out of range for cam_weights with "
-                             f"{wm.shape[0]} rows")
-        return cam_weights_for(float32(wm), idx)
-    cname, wm, bias = adapter.linear_classifier(opts["classifier"])
-    wm = float32(wm)
-    if wm.shape[1] != c:
-        raise ValueError(f"layer: method='cam' needs the feature map the classifier {cname!r} reads after global "
-                         f"pooling; {name!r} has {c} channels but {cname!r} expects {wm.shape[1]}")
-    if logits is not None and adapter.concrete(a):  # CAM's premise: logits == classifier(GAP(A)); verify it
-        pred = xp.matmul(xp.mean(a, axis=spatial_axes(a)), xp.matrix_transpose(wm))
-        pred = pred if bias is None else pred + float32(bias)
-        ref = float32(logits)
-        err = float(xp.max(xp.abs(pred - ref)))
-        if err > 1e-3 * (1.0 + float(xp.max(xp.abs(ref)))):
-            raise ValueError(f"layer: method='cam' needs the layer whose global average pooling feeds the "
-                             f"classifier {cname!r} directly, but the outputs differ from {cname!r}(mean of "
-                             f"{name!r}) by up to {err:.3g}; pick that layer, or pass cam_weights=")
-    return cam_weights_for(wm, idx)
 
 
 def _output_size(input_size, cams, upsample):

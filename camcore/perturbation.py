@@ -22,7 +22,6 @@ Identical masks (constant channels, duplicated channels) are scored once per sam
 """
 from __future__ import annotations
 
-import numbers
 import sys
 
 import numpy as np
@@ -31,7 +30,7 @@ from . import maps
 from ._xp import array_namespace, device, to_host
 
 __all__ = ["channel_masks", "distinct_channels", "top_variance_channels", "channel_softmax", "ablation_masks",
-           "check_options", "score_weights", "ablation_weights", "WEIGHTINGS"]
+           "noisy_masks", "scaled_masks", "score_weights", "ablation_weights", "WEIGHTINGS"]
 
 WEIGHTINGS = ("probability", "channel-softmax")
 
@@ -79,36 +78,6 @@ def ablation_masks(channels, num_channels: int, rank: int, *, like):
     return xp.asarray(m.reshape(m.shape + (1,) * (rank - 1)), device=device(like))
 
 
-def check_options(method: str, hyper: dict, reshape) -> dict:
-    """``hyper`` with integer options as Python ints; ``ValueError`` naming the option for a bad hyper-parameter
-    of a gradient-free method."""
-    for key in ("batch_size", "num_samples"):
-        v = hyper.get(key, 1)
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"{key}: expected a positive int, got {v!r}")
-    top_k = hyper.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k: expected None or a positive int (the number of channels to score), got {top_k!r}")
-    if hyper.get("weighting", WEIGHTINGS[0]) not in WEIGHTINGS:
-        raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {hyper['weighting']!r}")
-    std = hyper.get("std", 0.0)
-    if isinstance(std, (bool, np.bool_)) or not isinstance(std, numbers.Real) or not np.isfinite(std) or std < 0:
-        raise ValueError(f"std: expected a finite float >= 0 (the noise's standard deviation), got {std!r}")
-    seed = hyper.get("seed", 0)
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    if not (hyper.get("progress") is None or isinstance(hyper["progress"], bool)):
-        raise ValueError(f"progress: expected None (a bar on terminals), True or False, got {hyper['progress']!r}")
-    if method == "ablationcam" and reshape is not None:
-        raise ValueError("reshape: 'ablationcam' zeroes channels of the layer's own output, so it does not take "
-                         "reshape= (token layers); use 'scorecam' or a gradient method there")
-    return {k: int(v) if _is_int(v) else v for k, v in hyper.items()}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
 # ------------------------------------------------------------------------------------------------ drivers
 def progress_bar(total: int, progress):
     """A tqdm bar over ``total`` masked forwards when ``progress`` is True, or None and stderr is a terminal;
@@ -129,35 +98,37 @@ class _NoBar:
         pass
 
 
-def score_weights(adapter, inputs, a, host, classes, *, variant="scorecam", weighting="probability", top_k=None,
-                  num_samples=10, std=2.0, seed=0, batch_size=32, progress=None, info=None):
-    """``(B, C)`` Score-CAM / SS-CAM / IS-CAM weights (see the module docstring) of activations ``a``
-    (``(B, C, *s)``, ``host`` their NumPy copy) for ``inputs``.
+def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedupe=True, weighting="probability",
+                  top_k=None, batch_size=32, progress=None, info=None):
+    """``(B, C)`` Score-CAM-family weights (see the module docstring) of activations ``a`` (``(B, C, *s)``, ``host``
+    their NumPy copy) for ``inputs``.
 
     ``classes``: one class index per sample, or a callable target (its scores are used as they are, also under
-    ``weighting="probability"``). ``variant``: ``"scorecam"``, ``"sscam"`` or ``"iscam"``.
+    ``weighting="probability"``). Each chosen channel's mask is run ``draws`` times, as
+    ``vary(masks, draws, channels, sample)`` makes them (:func:`noisy_masks`, :func:`scaled_masks`; ``None``: as
+    they are), and its scores averaged; ``dedupe`` scores identical masks once.
     """
     xp = array_namespace(a)
     b, c = a.shape[:2]
     size = adapter.spatial_shape(inputs)
-    n = 1 if variant == "scorecam" else num_samples
+    n = draws
     chosen = (np.broadcast_to(np.arange(c), (b, c)) if top_k is None else top_variance_channels(host, top_k))
     plans = []
     for i in range(b):
-        if variant == "sscam":  # noisy masks are all different: no deduplication
-            keep, inverse = np.arange(len(chosen[i])), np.arange(len(chosen[i]))
-        else:
+        if dedupe:
             keep, inverse = distinct_channels(host[i, chosen[i]])
+        else:
+            keep, inverse = np.arange(len(chosen[i])), np.arange(len(chosen[i]))
         plans.append((chosen[i][keep], inverse))
     bar = progress_bar(sum(len(k) for k, _ in plans) * n, progress)
     rows = []
     try:
         for i, (channels, inverse) in enumerate(plans):
-            flat = []  # scores of (channel, sample) pairs, channel-major
+            flat = []  # scores of (channel, draw) pairs, channel-major
             for start in range(0, len(channels) * n, batch_size):
                 j = np.arange(start, min(start + batch_size, len(channels) * n))
                 masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
-                masks = _vary(masks, variant, j % n, channels[j // n], n, std, seed, i)
+                masks = masks if vary is None else vary(masks, j % n, channels[j // n], i)
                 flat.append(adapter.forward_masked(
                     inputs[i : i + 1], masks, targets=classes if callable(classes) else [classes[i]],
                     batch_size=batch_size, probability=weighting == "probability", progress=bar.update, info=info)[0])
@@ -170,17 +141,20 @@ def score_weights(adapter, inputs, a, host, classes, *, variant="scorecam", weig
     return _scatter(xp, rows, chosen, c, a, weighting)
 
 
-def _vary(masks, variant, steps, channels, n, std, seed, sample):
-    """SS-CAM's noisy masks ``M_k + delta`` or IS-CAM's scaled masks ``(i/N) M_k`` for the given sample indices."""
+def scaled_masks(masks, draws, n: int, /):
+    """IS-CAM's masks ``(i/N) M_k`` for ``(M, 1, *S)`` masks, ``i = draws + 1``."""
     xp = array_namespace(masks)
-    if variant == "iscam":
-        coeff = np.asarray((steps + 1) / n, dtype=np.float32).reshape((-1,) + (1,) * (masks.ndim - 1))
-        return masks * xp.asarray(coeff, device=device(masks))
-    if variant == "sscam":  # one generator per (seed, sample, channel, draw): the same noise at any batch_size
-        noise = np.stack([np.random.default_rng((seed, sample, int(k), int(s))).normal(0.0, std, masks.shape[1:])
-                          for k, s in zip(channels, steps)]).astype(np.float32)
-        return masks + xp.asarray(noise, device=device(masks))
-    return masks
+    coeff = np.asarray((np.asarray(draws) + 1) / n, dtype=np.float32).reshape((-1,) + (1,) * (masks.ndim - 1))
+    return masks * xp.asarray(coeff, device=device(masks))
+
+
+def noisy_masks(masks, draws, channels, sample: int, /, *, std: float, seed: int):
+    """SS-CAM's masks ``M_k + delta`` for ``(M, 1, *S)`` masks: one generator per (seed, sample, channel, draw), so
+    the noise does not depend on the batch size or the framework."""
+    xp = array_namespace(masks)
+    noise = np.stack([np.random.default_rng((seed, sample, int(k), int(d))).normal(0.0, std, masks.shape[1:])
+                      for k, d in zip(channels, draws)]).astype(np.float32)
+    return masks + xp.asarray(noise, device=device(masks))
 
 
 def _scatter(xp, rows, chosen, c, like, weighting):

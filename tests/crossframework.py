@@ -1,6 +1,6 @@
 """Cross-framework consistency: one real model on several frameworks must give the same maps.
 
-A *port* is the same network on another framework with the same weights (``camcore.backends.ports``). Each port
+A *port* is the same network on another framework with the same weights (``camcore.ports``). Each port
 knows how to lay out the inputs for its framework and how its framework names a layer of the PyTorch original.
 ``explain_everywhere`` runs one ``camcore.explain`` call on every port and returns the maps as NumPy arrays, so a
 test compares any framework with any other. New frameworks or new ported models only add a :class:`Port`.
@@ -43,7 +43,7 @@ def torch_port(model) -> Port:
 
 
 def keras_port(torch_model) -> Port:
-    from camcore.backends.ports import keras_efficientnet_lite
+    from camcore.ports import keras_efficientnet_lite
 
     model = keras_efficientnet_lite(torch_model)
     return Port("keras", model, _channels_last, lambda n: n,
@@ -54,7 +54,7 @@ def flax_port(torch_model) -> Port:
     import jax
     import jax.numpy as jnp
 
-    from camcore.backends.ports import flax_efficientnet_lite, flax_path
+    from camcore.ports import flax_efficientnet_lite, flax_path
 
     module, variables = flax_efficientnet_lite(torch_model)
     apply = jax.jit(module.apply)

@@ -95,7 +95,7 @@ def converted(effnet):
     onnx2torch = pytest.importorskip("onnx2torch")
     import tensorflow as tf
 
-    from camcore.backends.ports import keras_efficientnet_lite
+    from camcore.ports import keras_efficientnet_lite
 
     keras_model = keras_efficientnet_lite(effnet)
     signature = (tf.TensorSpec((None, 224, 224, 3), tf.float32, name="input"),)

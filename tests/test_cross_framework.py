@@ -1,6 +1,6 @@
 """The pretrained EfficientNet-Lite0 on PyTorch, Keras and Flax: same logits, same maps for every method.
 
-The Keras and Flax models are camcore's own ports of the PyTorch weights (``camcore.backends.ports``); the
+The Keras and Flax models are camcore's own ports of the PyTorch weights (``camcore.ports``); the
 comparison goes through the reusable helper in ``crossframework.py``.
 """
 import json

@@ -78,7 +78,7 @@ TKV_CLASSES = {"gradcam": Gradcam, "layercam": Layercam, "gradcam++": GradcamPlu
 @pytest.fixture(scope="module")
 def kmodel(effnet):
     """The pretrained EfficientNet-Lite0 ported to a Keras functional model (built once for this module)."""
-    from camcore.backends.ports import keras_efficientnet_lite
+    from camcore.ports import keras_efficientnet_lite
 
     return keras_efficientnet_lite(effnet)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from camcore.backends import ports
+from camcore import ports
 from model_checks import assert_untouched, snapshot
 
 LOGIT_TOL = 1e-4  # max abs logit difference

@@ -43,3 +43,15 @@ def test_every_python_block_is_self_contained(index):
 def test_every_extra_is_named():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras and all(f"camcore[{name}]" in README for name in extras), sorted(extras)
+
+
+def test_every_method_is_listed_where_users_read_the_list():
+    """The method list is written by hand in the README, docs/methods.md and explain's docstring: each must name
+    every registered method (and the registry is what explain accepts)."""
+    import camcore
+
+    methods_doc = (ROOT / "docs" / "methods.md").read_text()
+    for name in camcore.METHODS:
+        assert f'"{name}"' in README, name
+        assert f"| `{name}`" in methods_doc, name
+        assert f'``"{name}"``' in camcore.explain.__doc__, name

@@ -210,7 +210,8 @@ def test_unknown_option():
         camcore.explain(small(), images(), method="gradcam", layer="features.5", smooth=True)
     with pytest.raises(TypeError, match=r"unknown option\(s\) 'eps' for method 'gradcam'"):
         camcore.explain(small(), images(), method="gradcam", layer="features.5", eps=1e-6)
-    with pytest.raises(TypeError, match=r"'classifier' and 'cam_weights' apply to method='cam' only"):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'classifier' for method 'gradcam'; expected any of "
+                                        r"counterfactual, data_format"):  # CAM's options are CAM's only
         camcore.explain(small(), images(), method="gradcam", layer="features.5", classifier="fc")
     with pytest.raises(ValueError, match=r"model_mode: expected one of \('eval', 'as-is'\), got 'train'"):
         camcore.explain(small(), images(), method="gradcam", layer="features.5", model_mode="train")
