@@ -68,20 +68,22 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             ``"channels_last"`` or ``"channels_first"``, the layout of the inputs (default: read from the model;
             a torch model converted from Keras through ONNX takes channels-last inputs).
             For ``"cam"``: ``classifier`` (name of the linear layer after global pooling; default: found
-            automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps``
-            for ``"gradcam++"`` and ``"xgradcam"``. Gradient-free methods: ``batch_size`` (32, masked copies
-            per forward pass), ``progress`` (None: a tqdm bar when stderr is a terminal; True/False);
-            Score-CAM family: ``weighting`` ("probability": the target's softmax probability, as the authors;
-            or "channel-softmax": a softmax over channels of the logits, as pytorch-grad-cam), ``top_k``
-            (Faster Score-CAM: score only the k channels of largest variance); ``"sscam"``: ``num_samples``
-            (10), ``std`` (2.0), ``seed`` (0); ``"iscam"``: ``num_samples`` (10). ``info``: a dict to receive
-            how a gradient-free method ran (``"path"``, ``"reason"``, ``"masked_forwards"``).
+            automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for
+            ``"gradcam++"`` and ``"xgradcam"``. Gradient-free methods: ``batch_size`` (masked copies per forward
+            pass; None: the Score-CAM family times its first passes and picks the fastest chunk,
+            :func:`camcore.perturbation.chunks`; Ablation-CAM 32), ``progress`` (None: a tqdm bar when stderr is a
+            terminal; True/False); Score-CAM family: ``weighting`` ("probability": the target's softmax probability,
+            as the authors; or "channel-softmax": a softmax over channels of the logits, as pytorch-grad-cam),
+            ``top_k`` (Faster Score-CAM: score only the k channels of largest variance); ``"sscam"``: ``num_samples``
+            (10), ``std`` (2.0), ``seed`` (0); ``"iscam"``: ``num_samples`` (10). ``info``: a dict to receive how a
+            gradient-free method ran (``"path"``, ``"reason"``, ``"masked_forwards"``).
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
         model's channel layout.
     """
-    return Explainer(model, method=method, layer=layer, normalize=normalize, upsample=upsample,
-                     **options)(inputs, targets=targets)
+    # two statements: traced inside a tf.function, AutoGraph misreads the chained ``Explainer(...)(...)`` call
+    explainer = Explainer(model, method=method, layer=layer, normalize=normalize, upsample=upsample, **options)
+    return explainer(inputs, targets=targets)
 
 
 class Explainer:

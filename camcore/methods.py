@@ -179,7 +179,7 @@ def _cam_weights(ctx, classifier, cam_weights):
 
 
 # ------------------------------------------------------------------------------------ gradient-free methods
-_MASKED = {"batch_size": 32, "progress": None}  # options of every gradient-free method
+_MASKED = {"batch_size": None, "progress": None}  # options of every gradient-free method (None: chosen)
 _SCORE = {**_MASKED, "weighting": "probability", "top_k": None}
 
 
@@ -190,10 +190,12 @@ def _is_int(v) -> bool:
 def _check_masked(method: Method, hyper: dict) -> dict:
     """``hyper`` with integer options as Python ints; ``ValueError`` naming a bad hyper-parameter of a
     gradient-free method."""
-    for key in ("batch_size", "num_samples"):
-        v = hyper.get(key, 1)
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"{key}: expected a positive int, got {v!r}")
+    batch_size = hyper.get("batch_size")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size: expected None (chosen by camcore) or a positive int, got {batch_size!r}")
+    num_samples = hyper.get("num_samples", 1)
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
     top_k = hyper.get("top_k")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k: expected None or a positive int (the number of channels to score), got {top_k!r}")

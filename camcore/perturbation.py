@@ -2,7 +2,7 @@
 the layer).
 
 The pure functions build masks and turn scores into weights; :func:`score_weights` and :func:`ablation_weights`
-drive a backend's ``forward_masked`` with them, one sample at a time, in chunks of ``batch_size``. Masks are
+drive a backend's ``forward_masked`` with them, one sample at a time, in chunks (:func:`chunks`). Masks are
 channels-first and of the activations' namespace and device; a host copy of the activations (small: ``(C, *s)``
 per sample) decides which masks to run.
 
@@ -23,6 +23,7 @@ Identical masks (constant channels, duplicated channels) are scored once per sam
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -79,6 +80,34 @@ def ablation_masks(channels, num_channels: int, rank: int, *, like):
 
 
 # ------------------------------------------------------------------------------------------------ drivers
+def chunks(total: int, batch_size: int | None = None, *, first: int = 4, cap: int = 256, clock=time.perf_counter):
+    """``(start, stop)`` chunks covering ``range(total)``: of ``batch_size`` when given; else of a size the loop
+    finds itself, timing the caller's work on each chunk (between two ``next``): from ``first``, the size doubles
+    while the best time per item of two chunks of it is at least 10% below the previous size's, and goes back
+    to the previous size for good when it is not (on a CPU small chunks often run fastest, on a GPU large ones).
+    ``clock``: the timer (seconds)."""
+    if batch_size is not None:
+        yield from ((s, min(s + batch_size, total)) for s in range(0, total, batch_size))
+        return
+    size, start, best, tried, growing = first, 0, None, [], True
+    while start < total:
+        stop = min(start + size, total)
+        t0 = clock()
+        yield start, stop
+        tried.append((clock() - t0) / (stop - start))
+        start = stop
+        if growing and (len(tried) == 2 or stop == total):
+            per = min(tried)
+            if best is not None and per > 0.9 * best[1]:  # not 10% faster per item: the smaller size, for good
+                size, growing = best[0], False
+            elif size >= cap:
+                growing = False
+            else:
+                best, size = (size, per), 2 * size
+            tried = []
+
+
+
 def progress_bar(total: int, progress):
     """A tqdm bar over ``total`` masked forwards when ``progress`` is True, or None and stderr is a terminal;
     else a no-op object with ``update``/``close``."""
@@ -99,7 +128,7 @@ class _NoBar:
 
 
 def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedupe=True, weighting="probability",
-                  top_k=None, batch_size=32, progress=None, info=None):
+                  top_k=None, batch_size=None, progress=None, info=None):
     """``(B, C)`` Score-CAM-family weights (see the module docstring) of activations ``a`` (``(B, C, *s)``, ``host``
     their NumPy copy) for ``inputs``.
 
@@ -125,13 +154,13 @@ def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedu
     try:
         for i, (channels, inverse) in enumerate(plans):
             flat = []  # scores of (channel, draw) pairs, channel-major
-            for start in range(0, len(channels) * n, batch_size):
-                j = np.arange(start, min(start + batch_size, len(channels) * n))
+            for start, stop in chunks(len(channels) * n, batch_size):
+                j = np.arange(start, stop)
                 masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
                 masks = masks if vary is None else vary(masks, j % n, channels[j // n], i)
                 flat.append(adapter.forward_masked(
                     inputs[i : i + 1], masks, targets=classes if callable(classes) else [classes[i]],
-                    batch_size=batch_size, probability=weighting == "probability", progress=bar.update, info=info)[0])
+                    batch_size=len(j), probability=weighting == "probability", progress=bar.update, info=info)[0])
             scores = xp.mean(xp.reshape(xp.concat(flat), (len(channels), n)), axis=1)
             rows.append(xp.take(scores, xp.asarray(inverse, device=device(a)), axis=0))
     finally:
@@ -169,9 +198,11 @@ def _scatter(xp, rows, chosen, c, like, weighting):
     return xp.sum(scores[:, :, None] * xp.asarray(onehot, device=device(like)), axis=1)
 
 
-def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=32, progress=None, info=None):
+def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=None, progress=None, info=None):
     """``(B, C)`` Ablation-CAM weights ``(y - y_k) / y`` for activations ``a`` (``(B, C, *s)``, ``host`` their NumPy
-    copy) at ``layer``; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in :func:`score_weights`."""
+    copy) at ``layer``; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in :func:`score_weights`.
+    ``batch_size=None``: 32 ablations per pass (each ``forward_masked`` call at a layer runs one unmasked pass
+    first, so the chunks are not made small)."""
     xp = array_namespace(a)
     b, c = a.shape[:2]
     yh = np.asarray(to_host(y), dtype=np.float64)
@@ -188,7 +219,8 @@ def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=
                 masks = ablation_masks(live[i], c, a.ndim - 1, like=a)
                 got = adapter.forward_masked(inputs[i : i + 1], masks, at=layer,
                                              targets=classes if callable(classes) else [classes[i]],
-                                             batch_size=batch_size, progress=bar.update, info=info)[0]
+                                             batch_size=32 if batch_size is None else batch_size,
+                                             progress=bar.update, info=info)[0]
                 ablated[live[i]] = to_host(got)
             rows.append((yh[i] - ablated.astype(np.float64)) / yh[i])
     finally:

@@ -86,7 +86,7 @@ def test_a_misread_layout_is_an_error_not_a_map_of_the_wrong_shape(pair):
         camcore.explain(last, x_last, method="gradcam", layer="conv2", data_format="channels_first")
 
 
-# ------------------------------------------------------------------------- a real converter chain: Keras -> ONNX -> torch
+# --------------------------------------------------------------- a real converter chain: Keras -> ONNX -> torch
 @pytest.fixture(scope="module")
 def converted(effnet):
     """The pretrained EfficientNet-Lite0's Keras port, and that Keras model converted by tf2onnx + onnx2torch."""

@@ -34,7 +34,7 @@ def test_explainer_checks_its_arguments_once_at_construction(effnet):
         camcore.Explainer(effnet, method="gradcam", layer="_conv_hed")
     with pytest.raises(TypeError, match=r"unknown option\(s\) 'top_k' for method 'gradcam'"):
         camcore.Explainer(effnet, method="gradcam", top_k=3)
-    with pytest.raises(ValueError, match=r"batch_size: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"batch_size: expected None \(chosen by camcore\) or a positive int, got 0"):
         camcore.Explainer(effnet, method="scorecam", batch_size=0)
 
 

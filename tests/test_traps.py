@@ -52,9 +52,9 @@ def test_eigencam_is_not_inverted_and_independent_of_channel_order(rng):
 @pytest.mark.parametrize("layer,signed", [("_conv_head", True), ("_swish", False)])
 def test_eigen_maps_peak_on_the_object_at_signed_and_rectified_layers(effnet, photo_batch, method, layer, signed):
     """On the real model and photos, Eigen-CAM's and EigenGrad-CAM's maximum falls inside each photo's
-    hand-measured object box (``camcore.demo.OBJECT_BOXES``), at ``_conv_head`` (a convolution before its batch norm: signed activations, where
-    orienting by the channel sum put the heat on the background of three photos) and at ``_swish`` (after ReLU6:
-    non-negative)."""
+    hand-measured object box (``camcore.demo.OBJECT_BOXES``), at ``_conv_head`` (a convolution before its batch norm:
+    signed activations, where orienting by the channel sum put the heat on the background of three photos) and at
+    ``_swish`` (after ReLU6: non-negative)."""
     from camcore.backends.pytorch import TorchAdapter
     from camcore.demo import OBJECT_BOXES, PHOTOS, TARGETS
 
