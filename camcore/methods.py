@@ -187,7 +187,7 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
-def _check_masked(method: Method, hyper: dict) -> dict:
+def _check_masked(hyper: dict) -> dict:
     """``hyper`` with integer options as Python ints; ``ValueError`` naming a bad hyper-parameter of a
     gradient-free method."""
     batch_size = hyper.get("batch_size")
@@ -232,7 +232,7 @@ class ScoreCAM(Method):
     dedupe = True  # identical masks are scored once; False where each draw differs
 
     def check(self, hyper, *, reshape=None):
-        return _check_masked(self, hyper)
+        return _check_masked(hyper)
 
     def draws(self, hyper) -> int:
         """How many masked copies each channel's mask gives (averaged into its weight)."""
@@ -294,7 +294,7 @@ class AblationCAM(Method):
         if reshape is not None:
             raise ValueError(f"reshape: {self.name!r} zeroes channels of the layer's own output, so it does not "
                              f"take reshape= (token layers); use 'scorecam' or a gradient method there")
-        return _check_masked(self, hyper)
+        return _check_masked(hyper)
 
     def weights(self, ctx, *, batch_size, progress):
         host = _host_activations(self, ctx)

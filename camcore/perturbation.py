@@ -79,6 +79,22 @@ def ablation_masks(channels, num_channels: int, rank: int, *, like):
     return xp.asarray(m.reshape(m.shape + (1,) * (rank - 1)), device=device(like))
 
 
+def scaled_masks(masks, draws, n: int, /):
+    """IS-CAM's masks ``(i/N) M_k`` for ``(M, 1, *S)`` masks, ``i = draws + 1``."""
+    xp = array_namespace(masks)
+    coeff = np.asarray((np.asarray(draws) + 1) / n, dtype=np.float32).reshape((-1,) + (1,) * (masks.ndim - 1))
+    return masks * xp.asarray(coeff, device=device(masks))
+
+
+def noisy_masks(masks, draws, channels, sample: int, /, *, std: float, seed: int):
+    """SS-CAM's masks ``M_k + delta`` for ``(M, 1, *S)`` masks: one generator per (seed, sample, channel, draw), so
+    the noise does not depend on the batch size or the framework."""
+    xp = array_namespace(masks)
+    noise = np.stack([np.random.default_rng((seed, sample, int(k), int(d))).normal(0.0, std, masks.shape[1:])
+                      for k, d in zip(channels, draws)]).astype(np.float32)
+    return masks + xp.asarray(noise, device=device(masks))
+
+
 # ------------------------------------------------------------------------------------------------ drivers
 def chunks(total: int, batch_size: int | None = None, *, first: int = 4, cap: int = 256, clock=time.perf_counter):
     """``(start, stop)`` chunks covering ``range(total)``: of ``batch_size`` when given; else of a size the loop
@@ -168,22 +184,6 @@ def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedu
     if info is not None:
         info["masked_forwards"] = info.get("masked_forwards", 0) + sum(len(k) for k, _ in plans) * n
     return _scatter(xp, rows, chosen, c, a, weighting)
-
-
-def scaled_masks(masks, draws, n: int, /):
-    """IS-CAM's masks ``(i/N) M_k`` for ``(M, 1, *S)`` masks, ``i = draws + 1``."""
-    xp = array_namespace(masks)
-    coeff = np.asarray((np.asarray(draws) + 1) / n, dtype=np.float32).reshape((-1,) + (1,) * (masks.ndim - 1))
-    return masks * xp.asarray(coeff, device=device(masks))
-
-
-def noisy_masks(masks, draws, channels, sample: int, /, *, std: float, seed: int):
-    """SS-CAM's masks ``M_k + delta`` for ``(M, 1, *S)`` masks: one generator per (seed, sample, channel, draw), so
-    the noise does not depend on the batch size or the framework."""
-    xp = array_namespace(masks)
-    noise = np.stack([np.random.default_rng((seed, sample, int(k), int(d))).normal(0.0, std, masks.shape[1:])
-                      for k, d in zip(channels, draws)]).astype(np.float32)
-    return masks + xp.asarray(noise, device=device(masks))
 
 
 def _scatter(xp, rows, chosen, c, like, weighting):
