@@ -344,7 +344,7 @@ class TorchAdapter:
         try:
             tail = self._tails.get(module)
             if isinstance(tail, Exception):
-                raise tail
+                raise tail.with_traceback(None)  # not a traceback longer on every call
             if tail is None:
                 try:
                     tail = self._tails[module] = Tail(self.model, module)

@@ -15,7 +15,7 @@ __all__ = ["PHOTOS", "TARGETS", "OBJECT_BOXES", "load_model", "load_photo", "to_
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image's bundled photos
 # the ImageNet class each photo is explained for: the right one where the model ranks it in its top 3 (tabby cat
 # 3rd after two other cats; espresso and missile 1st). ImageNet has no class for an astronaut or a space suit: for
-# that photo the model's own top class, barbell (p = 0.16), is explained, and the picture says so.
+# that photo the model's own top class, barbell (p = 0.16), is explained, and every picture names it.
 TARGETS = {"chelsea": 281, "coffee": 967, "astronaut": 422, "rocket": 657}  # tabby cat, espresso, barbell, missile
 # the main object of each photo at 224 x 224, measured by hand: (x0, y0, x1, y1) pixels, end-exclusive
 OBJECT_BOXES = {

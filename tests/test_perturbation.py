@@ -618,6 +618,17 @@ def test_untraceable_model_falls_back_to_full_passes():
         got_map = raw_map(model, x, "ablationcam", "conv2", [1, 2], info=info)
     assert info["path"] == "full" and info["reason"]
     assert_close(got_map, want_map)
+    # an Explainer remembers that the model cannot be split: each call falls back at once, with the same reason
+    explainer = camcore.Explainer(model, method="ablationcam", layer="conv2", normalize=False, upsample=False,
+                                  progress=False)
+    reasons = []
+    for _ in range(2):
+        info = {}
+        with pytest.warns(RuntimeWarning, match="conv2"):
+            assert_close(explainer(x, targets=[1, 2], info=info).double().numpy(), want_map)
+        assert info["path"] == "full"
+        reasons.append(info["reason"])
+    assert reasons[0] and reasons[0] == reasons[1] and explainer.adapter.traces() == 0
 
 
 def test_effnet_tail_check_accepts_float32_rounding(effnet):
