@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import difflib
 import sys
+import warnings
 
 __all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "masked_rows",
-           "camcore_error", "model_error", "MODEL_KINDS"]
+           "camcore_error", "model_error", "fell_back", "MODEL_KINDS"]
 
 MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
                "or a (features, head) pair of JAX functions")
@@ -111,6 +112,15 @@ def check_masks(mask_shape, batch: int, at_shape, at) -> bool:
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+
+
+def fell_back(info: dict, instead: str, reason: str, stacklevel: int) -> None:
+    """Record ``info["reason"]`` and warn that ``forward_masked`` ran the whole model eagerly for every chunk of
+    masks (the ``"full"`` path: slower, same scores) instead of its fast path ``instead``, because of ``reason``.
+    ``stacklevel`` counts from the caller of this function, as for ``warnings.warn``."""
+    info["reason"] = reason
+    warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: slower, "
+                  f"same scores) instead of {instead}; {reason}", RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def masked_rows(masks, batch: int, per_sample: bool, batch_size: int, score, progress=None) -> list[list]:

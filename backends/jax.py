@@ -90,7 +90,6 @@ import dataclasses
 import inspect
 import math
 import sys
-import warnings
 from collections.abc import Mapping
 
 import jax
@@ -99,7 +98,7 @@ import numpy as np
 
 from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, fell_back, masked_rows, unknown_layer
 
 __all__ = ["JaxAdapter", "accepts"]
 
@@ -674,7 +673,7 @@ class JaxAdapter:
         family = (name, self.model_mode, static)
         jit = {"on": self._compile and family not in self._no_jit}
         if family in self._no_jit:  # it failed before, for this adapter: straight to the eager passes
-            self._fell_back(info, name, self._no_jit[family], stacklevel=3)
+            _fell_back(info, name, self._no_jit[family], stacklevel=3)
 
         def jitted(call, eager, stacklevel):
             """``call()`` (jitted), else ``eager()``; when only the eager one works, remember why and warn."""
@@ -688,7 +687,7 @@ class JaxAdapter:
             if failed is not None:
                 jit["on"] = False
                 self._no_jit[family] = _reason(failed)
-                self._fell_back(info, name, self._no_jit[family], stacklevel)
+                _fell_back(info, name, self._no_jit[family], stacklevel)
             return result
 
         plain, acts, n_calls = None, None, 0
@@ -797,15 +796,6 @@ class JaxAdapter:
         """How many times this adapter's cached ``jax.jit`` functions have been traced and compiled so far."""
         return sum((f[0] if isinstance(f, tuple) else f)._cache_size() for f in self._jits.values())
 
-    @staticmethod
-    def _fell_back(info, name, reason, stacklevel):
-        """Record (``info["reason"]``) and warn that the eager passes ran instead of the jitted ones."""
-        info["reason"] = reason
-        what = "the masked model" if name is None else f"only the layers after {name!r}"
-        warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: "
-                      f"slower, same scores) instead of jitting {what}; {reason}", RuntimeWarning,
-                      stacklevel=stacklevel)
-
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the last
         ``nn.Dense`` (linen) / ``nnx.Linear`` (nnx) to run in the latest traced forward pass (before any trace:
@@ -862,6 +852,12 @@ def _class_indices(targets, outputs):
         return class_indices(targets, outputs)
     class_indices(targets, np.broadcast_to(np.float32(0), outputs.shape))
     return targets
+
+
+def _fell_back(info, name, reason, stacklevel):
+    """:func:`camcore.backends.fell_back` for the jitted function of layer ``name`` (``None``: the input masks)."""
+    what = "the masked model" if name is None else f"only the layers after {name!r}"
+    fell_back(info, f"jitting {what}", reason, stacklevel)
 
 
 def _reason(err) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 
 import keras
 import numpy as np
@@ -30,7 +29,7 @@ import tensorflow as tf
 
 from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
-from . import check_batch_size, check_data_format, check_masks, masked_rows, unknown_layer
+from . import check_batch_size, check_data_format, check_masks, fell_back, masked_rows, unknown_layer
 
 __all__ = ["KerasAdapter"]
 
@@ -93,6 +92,12 @@ def _reason(err) -> str:
     if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
         lines = [f"{lines[1]} ({lines[0].removeprefix('Exception encountered when calling ').rstrip('.')})"]
     return f"tracing the model as a tf.function raised {name}: {lines[0] if lines else ''}"
+
+
+def _fell_back(info, named, reason, stacklevel):
+    """:func:`camcore.backends.fell_back` for the graph of ``named``'s layer (``None``: the input masks)."""
+    what = "the masked model" if named is None else f"only the layers after {named[0]!r}"
+    fell_back(info, f"{what} in a tf.function", reason, stacklevel)
 
 
 def _at_last_call(n_calls, change):
@@ -391,7 +396,7 @@ class KerasAdapter:
             graph = untraceable or self._graph(key, named, n_calls)
             run = {"graph": graph if callable(graph) else None}
             if isinstance(graph, str):  # it failed (before, or in the probe pass): straight to the eager passes
-                self._fell_back(info, named, graph, stacklevel=3)
+                _fell_back(info, named, graph, stacklevel=3)
 
             def score(i, chunk):
                 out = failed = None
@@ -408,7 +413,7 @@ class KerasAdapter:
                 if failed is not None:  # the eager pass worked: the graph was the problem
                     run["graph"] = None
                     self._graphs[key] = _reason(failed)
-                    self._fell_back(info, named, self._graphs[key], stacklevel=5)
+                    _fell_back(info, named, self._graphs[key], stacklevel=5)
                 return pick(i, out, chunk.shape[0])
 
             rows = masked_rows(masks, b, per_sample, batch_size, score, progress)
@@ -489,15 +494,6 @@ class KerasAdapter:
         """How many times this adapter's cached ``tf.function`` graphs have been traced so far."""
         graphs = [g[0] if isinstance(g, tuple) else g for g in self._graphs.values()]
         return sum(g.experimental_get_tracing_count() for g in graphs if hasattr(g, "experimental_get_tracing_count"))
-
-    @staticmethod
-    def _fell_back(info, named, reason, stacklevel):
-        """Record (``info["reason"]``) and warn that the eager passes ran instead of the graph."""
-        info["reason"] = reason
-        what = "the masked model" if named is None else f"only the layers after {named[0]!r}"
-        warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: "
-                      f"slower, same scores) instead of {what} in a tf.function; {reason}", RuntimeWarning,
-                      stacklevel=stacklevel)
 
     def linear_classifier(self, name=None):
         """``(name, W (K, C), b (K,) or None)`` as NumPy, of the ``Dense`` layer named ``name`` or of the

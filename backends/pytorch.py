@@ -9,14 +9,13 @@ the layer (``ReLU(inplace=True)``, DenseNet) cannot corrupt what was captured.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 
 from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
-from . import (camcore_error, check_batch_size, check_data_format, check_masks, masked_rows, model_error,
-               unknown_layer)
+from . import (camcore_error, check_batch_size, check_data_format, check_masks, fell_back, masked_rows,
+               model_error, unknown_layer)
 from .torch_tail import Tail
 
 __all__ = ["TorchAdapter"]
@@ -358,9 +357,7 @@ class TorchAdapter:
             return tail
         except Exception as err:  # any failure of tracing or vmap: the full passes are always right
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            info["reason"] = reason
-            warnings.warn(f"forward_masked: could not run only the layers after {name!r} ({reason}); ran the whole "
-                          f"model for every mask instead (slower, same scores)", RuntimeWarning, stacklevel=3)
+            fell_back(info, f"only the layers after {name!r} (a torch.fx split)", reason, stacklevel=3)
             return None
 
     def traces(self) -> int:
