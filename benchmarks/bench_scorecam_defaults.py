@@ -4,7 +4,7 @@
 
 One photo, the pretrained EfficientNet-Lite0. camcore runs with pytorch-grad-cam's weighting
 (``weighting="channel-softmax"``, the same forward passes as the default) and no ``batch_size`` (it chooses the chunk
-itself, :func:`camcore.perturbation.chunks`, and gives CPU convolutions channels-last strides, see
+itself, :class:`camcore.perturbation.Chunker`, and gives CPU convolutions channels-last strides, see
 ``TorchAdapter._forward_fast``); pytorch-grad-cam ``ScoreCAM`` runs at ``batch_size = 64``. The *floors* are the same
 number of plain ``torch.no_grad`` forward passes as camcore's distinct masks (``info["masked_forwards"]``) at fixed
 batch sizes and memory layouts; the best of them is the floor camcore is held to. Wall times: median of

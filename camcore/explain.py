@@ -71,7 +71,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             automatically) or ``cam_weights`` ((num_classes, C) matrix). Method hyper-parameters: ``eps`` for
             ``"gradcam++"`` and ``"xgradcam"``. Gradient-free methods: ``batch_size`` (masked copies per forward
             pass; None: the Score-CAM family times its first passes and picks the fastest chunk,
-            :func:`camcore.perturbation.chunks`; Ablation-CAM 32), ``progress`` (None: a tqdm bar when stderr is a
+            :class:`camcore.perturbation.Chunker`; Ablation-CAM 32), ``progress`` (None: a tqdm bar when stderr is a
             terminal; True/False); Score-CAM family: ``weighting`` ("probability": the target's softmax probability,
             as the authors; or "channel-softmax": a softmax over channels of the logits, as pytorch-grad-cam),
             ``top_k`` (Faster Score-CAM: score only the k channels of largest variance); ``"sscam"``: ``num_samples``

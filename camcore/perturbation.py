@@ -2,7 +2,7 @@
 the layer).
 
 The pure functions build masks and turn scores into weights; :func:`score_weights` and :func:`ablation_weights`
-drive a backend's ``forward_masked`` with them, one sample at a time, in chunks (:func:`chunks`). Masks are
+drive a backend's ``forward_masked`` with them, one sample at a time, in chunks (:class:`Chunker`). Masks are
 channels-first and of the activations' namespace and device; a host copy of the activations (small: ``(C, *s)``
 per sample) decides which masks to run.
 
@@ -31,7 +31,7 @@ from . import maps
 from ._xp import array_namespace, device, to_host
 
 __all__ = ["channel_masks", "distinct_channels", "top_variance_channels", "channel_softmax", "ablation_masks",
-           "noisy_masks", "scaled_masks", "score_weights", "ablation_weights", "WEIGHTINGS"]
+           "noisy_masks", "scaled_masks", "Chunker", "score_weights", "ablation_weights", "WEIGHTINGS"]
 
 WEIGHTINGS = ("probability", "channel-softmax")
 
@@ -96,32 +96,39 @@ def noisy_masks(masks, draws, channels, sample: int, /, *, std: float, seed: int
 
 
 # ------------------------------------------------------------------------------------------------ drivers
-def chunks(total: int, batch_size: int | None = None, *, first: int = 4, cap: int = 256, clock=time.perf_counter):
-    """``(start, stop)`` chunks covering ``range(total)``: of ``batch_size`` when given; else of a size the loop
-    finds itself, timing the caller's work on each chunk (between two ``next``): from ``first``, the size doubles
-    while the best time per item of two chunks of it is at least 10% below the previous size's, and goes back
-    to the previous size for good when it is not (on a CPU small chunks often run fastest, on a GPU large ones).
-    ``clock``: the timer (seconds)."""
-    if batch_size is not None:
-        yield from ((s, min(s + batch_size, total)) for s in range(0, total, batch_size))
-        return
-    size, start, best, tried, growing = first, 0, None, [], True
-    while start < total:
-        stop = min(start + size, total)
-        t0 = clock()
-        yield start, stop
-        tried.append((clock() - t0) / (stop - start))
-        start = stop
-        if growing and (len(tried) == 2 or stop == total):
-            per = min(tried)
-            if best is not None and per > 0.9 * best[1]:  # not 10% faster per item: the smaller size, for good
-                size, growing = best[0], False
-            elif size >= cap:
-                growing = False
-            else:
-                best, size = (size, per), 2 * size
-            tried = []
+class Chunker:
+    """Chunk sizes for the masked passes: ``batch_size`` when given; else a size found by timing the caller's work
+    on each chunk (between two ``next`` of :meth:`split`): from ``first``, the size doubles while the best time per
+    item of two chunks of it is at least 10% below the previous size's, and goes back to the previous size for good
+    when it is not (on a CPU small chunks often run fastest, on a GPU large ones). The search carries over from one
+    :meth:`split` to the next, so the samples of a batch share it. ``clock``: the timer (seconds)."""
 
+    def __init__(self, batch_size: int | None = None, *, first: int = 4, cap: int = 256, clock=time.perf_counter):
+        self.size, self.cap, self.clock = first if batch_size is None else batch_size, cap, clock
+        self.growing = batch_size is None
+        self._best, self._tried = None, []
+
+    def split(self, total: int):
+        """``(start, stop)`` chunks covering ``range(total)``, in order."""
+        start = 0
+        while start < total:
+            stop = min(start + self.size, total)
+            t0 = self.clock()
+            yield start, stop
+            if self.growing:
+                self._tried.append((self.clock() - t0) / (stop - start))
+                if len(self._tried) == 2 or stop == total:
+                    self._settle()
+            start = stop
+
+    def _settle(self) -> None:
+        per, self._tried = min(self._tried), []
+        if self._best is not None and per > 0.9 * self._best[1]:  # not 10% faster per item: the smaller size
+            self.size, self.growing = self._best[0], False
+        elif self.size >= self.cap:
+            self.growing = False
+        else:
+            self._best, self.size = (self.size, per), 2 * self.size
 
 
 def progress_bar(total: int, progress):
@@ -166,11 +173,11 @@ def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedu
             keep, inverse = np.arange(len(chosen[i])), np.arange(len(chosen[i]))
         plans.append((chosen[i][keep], inverse))
     bar = progress_bar(sum(len(k) for k, _ in plans) * n, progress)
-    rows = []
+    rows, chunker = [], Chunker(batch_size)  # one chunk-size search for the whole batch
     try:
         for i, (channels, inverse) in enumerate(plans):
             flat = []  # scores of (channel, draw) pairs, channel-major
-            for start, stop in chunks(len(channels) * n, batch_size):
+            for start, stop in chunker.split(len(channels) * n):
                 j = np.arange(start, stop)
                 masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
                 masks = masks if vary is None else vary(masks, j % n, channels[j // n], i)

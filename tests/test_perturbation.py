@@ -960,9 +960,11 @@ class _FakeClock:
         return self.now
 
 
-def _run_chunks(total, per_item, **kwargs):
-    clock, sizes, covered = _FakeClock(), [], []
-    for start, stop in camcore.perturbation.chunks(total, clock=clock, **kwargs):
+def _run_chunks(total, per_item, chunker=None, **kwargs):
+    clock = _FakeClock() if chunker is None else chunker.clock
+    chunker = chunker or camcore.perturbation.Chunker(clock=clock, **kwargs)
+    sizes, covered = [], []
+    for start, stop in chunker.split(total):
         sizes.append(stop - start)
         covered.extend(range(start, stop))
         clock.now += (stop - start) * per_item(stop - start)
@@ -985,3 +987,13 @@ def test_chunks_settle_on_the_fastest_size():
     assert max(sizes) == 64 and sizes[-2] == 64
     # no gain from 4 to 8: back to 4
     assert set(_run_chunks(100, lambda n: 1.0)[4:-1]) == {4}
+
+
+def test_the_chunk_search_carries_over_to_the_next_sample():
+    """score_weights splits each sample's masks with one Chunker: the second sample starts at the size the first
+    one found, without searching again."""
+    cost = {4: 2.0, 8: 1.0, 16: 1.5}
+    chunker = camcore.perturbation.Chunker(clock=_FakeClock())
+    first = _run_chunks(60, lambda n: cost.get(n, 3.0), chunker)
+    assert first[:6] == [4, 4, 8, 8, 16, 16]
+    assert set(_run_chunks(40, lambda n: cost.get(n, 3.0), chunker)) == {8}
