@@ -6,16 +6,19 @@ Every adapter exposes the same contract (see ``docs/adapters.md``):
 - ``forward_masked(inputs, masks, *, at="input", targets=None, batch_size=32, probability=False, progress=None,
   info=None) -> scores (B, M)``
 
+both built by the shared :class:`~camcore.backends.engine.Engine` from a few primitives per framework.
+
 A framework module is looked up in ``sys.modules`` only: camcore never imports a framework the user did not.
 Adapters hand the core channels-first arrays ``(B, C, *S)`` and transpose channels-last models at their edge.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
 import warnings
 
-__all__ = ["adapter_for", "unknown_layer", "check_data_format", "check_masks", "check_batch_size", "masked_rows",
+__all__ = ["adapter_for", "BACKENDS", "unknown_layer", "check_data_format", "check_masks", "check_batch_size",
            "camcore_error", "model_error", "fell_back", "MODEL_KINDS"]
 
 MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variables) pair, a Flax nnx module, "
@@ -23,23 +26,24 @@ MODEL_KINDS = ("a torch.nn.Module, a Keras 3 model, a Flax linen (module, variab
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
+# (framework module, backend module, adapter class, accepts(model, framework) or None: the module's ``accepts``)
+BACKENDS = [
+    ("torch", "pytorch", "TorchAdapter", lambda model, torch: isinstance(model, torch.nn.Module)),
+    ("keras", "keras", "KerasAdapter", lambda model, keras: isinstance(model, keras.layers.Layer)),
+    ("jax", "jax", "JaxAdapter", None),
+]
+
+
 def adapter_for(model, **options):
-    """The adapter for ``model``, picked by its type; ``options`` (``model_mode``, ``data_format``) go to it."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(model, torch.nn.Module):
-        from .pytorch import TorchAdapter
-
-        return TorchAdapter(model, **options)
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.layers.Layer):
-        from .keras import KerasAdapter
-
-        return KerasAdapter(model, **options)
-    if "jax" in sys.modules:
-        from . import jax as jax_backend
-
-        if jax_backend.accepts(model):
-            return jax_backend.JaxAdapter(model, **options)
+    """The adapter for ``model``, picked by its type from :data:`BACKENDS` among the frameworks already imported;
+    ``options`` (``model_mode``, ``data_format``, ``compile``) go to it."""
+    for framework, name, cls, accepts in BACKENDS:
+        fw = sys.modules.get(framework)
+        if fw is None or (accepts is not None and not accepts(model, fw)):
+            continue
+        module = importlib.import_module(f"{__name__}.{name}")
+        if accepts is not None or module.accepts(model):
+            return getattr(module, cls)(model, **options)
     raise TypeError(f"model: expected {MODEL_KINDS}; got {type(model).__module__}.{type(model).__name__}")
 
 
@@ -121,20 +125,3 @@ def fell_back(info: dict, instead: str, reason: str, stacklevel: int) -> None:
     info["reason"] = reason
     warnings.warn(f"forward_masked: ran the whole model eagerly for every chunk of masks (the \"full\" path: slower, "
                   f"same scores) instead of {instead}; {reason}", RuntimeWarning, stacklevel=stacklevel + 1)
-
-
-def masked_rows(masks, batch: int, per_sample: bool, batch_size: int, score, progress=None) -> list[list]:
-    """``forward_masked``'s loop: for each sample ``i``, ``[score(i, chunk), ...]`` over its masks (``masks[i]``
-    when per sample, else all of ``masks``) in chunks of at most ``batch_size``, in order; ``progress(n)`` (if given)
-    is called after each chunk with its number of masks."""
-    rows = []
-    for i in range(batch):
-        sample_masks = masks[i] if per_sample else masks
-        row = []
-        for start in range(0, sample_masks.shape[0], batch_size):
-            chunk = sample_masks[start : start + batch_size]
-            row.append(score(i, chunk))
-            if progress is not None:
-                progress(chunk.shape[0])
-        rows.append(row)
-    return rows

@@ -1,94 +1,19 @@
-"""JAX adapter: Flax linen, Flax nnx and plain JAX function pairs; gradients by ``jax.vjp`` of the tail only.
+"""JAX backend: Flax linen ``(module, variables)`` pairs, Flax nnx modules and ``(features, head)`` pairs of JAX
+functions; gradients by ``jax.vjp`` of the layers after the target only. ``docs/adapters.md`` describes each
+kind, its layer names, its inference mode and the ``jax.jit`` pattern.
 
-Three kinds of model are accepted (``camcore.explain`` picks this adapter when ``jax`` is imported and
-:func:`accepts` says yes). Flax is looked up in ``sys.modules`` only, so plain-JAX users need no Flax install.
-
-1. **Flax linen** -- a ``(module, variables)`` tuple::
-
-       model = Net()                                       # a flax.linen.Module
-       variables = model.init(jax.random.key(0), x)        # {"params": ..., "batch_stats": ...}
-       maps = camcore.explain((model, variables), x, method="gradcam", layer="Block_1/Conv_0")
-
-   ``layer`` is the submodule's path as Flax names it, ``"/"``-joined from the root (``"Conv_0"``,
-   ``"Block_3/Conv_0"``, ``"conv2"`` for an attribute set in ``setup``), or the path as a tuple
-   (``("Block_3", "Conv_0")``; only a list means several layers). Its ``__call__`` output is read (and, for
-   ``forward_masked``, multiplied) with ``flax.linen.intercept_methods``: the model's code is never edited and
-   ``variables`` is never changed (it is only passed to ``module.apply``). A module called several times shares
-   one path; its last call is used.
-
-2. **Flax nnx** -- the ``flax.nnx.Module`` itself::
-
-       model = Net(rngs=nnx.Rngs(0))                       # a flax.nnx.Module
-       maps = camcore.explain(model, x, method="gradcam", layer="blocks/1/conv")
-       maps = camcore.explain(model, x, method="gradcam", layer=("blocks", 1, "conv"))  # the same layer
-
-   ``layer`` is the attribute path of ``nnx.iter_modules`` joined with ``"/"`` (list/dict items by their
-   index or key); a tuple path (ints for list items), a dotted string (``"blocks.1.conv"``) or the submodule object
-   itself are accepted too. Every call works on a **throw-away copy** (``nnx.merge(*nnx.split(model), copy=True)``,
-   made inside the traced function): the submodule is swapped for a capturing wrapper *in the copy*,
-   ``model_mode="eval"`` calls ``copy.eval()``, and batch-norm statistics or RNG counters that a train-mode call
-   updates change in the copy only. So the user's module -- its variables, its
-   ``deterministic``/``use_running_average`` flags and its submodules -- is never touched, also when the model
-   raises midway, and no ``try/finally`` restore is needed. (A copy, not a swap-and-restore on the user's module:
-   nnx forbids mutating a Variable created outside the ``jax.vjp``/``jax.eval_shape`` trace that runs the model, and
-   a copy cannot leak a wrapper or a flag when something fails.) The wrapper forwards attribute access, indexing and
-   iteration to the wrapped module; only calls through the attribute path are seen.
-
-3. **Plain JAX** -- a ``(features, head)`` pair of functions, ``features(x) -> A`` and ``head(A) -> outputs``::
-
-       features = lambda x: backbone(params, x)             # (B, H, W, C) -> (B, h, w, K)
-       head = lambda a: classifier(params, a)               # (B, h, w, K) -> (B, num_classes)
-       maps = camcore.explain((features, head), x, method="gradcam")   # layer None or "features"
-
-   The only layer is ``"features"`` (the output of ``features``). Pass ``data_format="channels_first"`` when
-   both ``x`` and ``A`` are ``(B, C, *S)``.
-
-Equinox models are not supported yet (their layers take one unbatched example and the model is ``jax.vmap``-ed,
-so a tapped layer would need a vmapped delta); wrap one as a ``(features, head)`` pair, each ``jax.vmap``-ed.
-
-**Inference mode.** ``model_mode="eval"`` (default): linen -- ``module.apply(variables, x)`` with *no* mutable
-collection, so batch statistics are read-only; if the root module's ``__call__`` takes an argument named
-``train``, ``training`` or ``is_training`` it gets ``False``, one named ``deterministic`` or
-``use_running_average`` gets ``True``, and root dataclass fields with these names are set the same way (via
-``module.clone``). nnx -- ``copy.eval()`` (``deterministic=True``, ``use_running_average=True`` on every
-submodule that has them). Function pairs are called as they are. ``model_mode="as-is"``: linen --
-``module.apply(variables, x, mutable=True)`` with no argument added, and the updated collections (train-mode
-batch statistics) are discarded; nnx -- the copy keeps the module's own flags. A model that needs an RNG in
-that mode (linen dropout) must be wrapped by the user, e.g. as a function pair.
-
-**Gradients.** A first ``jax.eval_shape`` trace (abstract, no compute) learns each module's output shape and
-how often it runs. The real pass adds a zero ``delta`` to the requested layer's output at its last call and
-takes ``jax.vjp`` with respect to the deltas only, so the backward pass covers the layers after the target and
-never computes parameter gradients; the layers before it are evaluated once, as constants.
-
-**jit.** Nothing here reads a traced value, and ``explain`` skips its value checks under tracing
-(:meth:`JaxAdapter.concrete`), so the whole pipeline jit-compiles::
-
-    jax.jit(lambda v, x: camcore.explain((module, v), x, method="gradcam", layer="Block_1"))(variables, x)
-    graphdef, state = nnx.split(model)      # nnx: split outside, merge inside (or use nnx.jit on the model)
-    jax.jit(lambda s, x: camcore.explain(nnx.merge(graphdef, s), x, method="gradcam", layer="blocks/1"))(state, x)
-    jax.jit(lambda x: camcore.explain((features, head), x, method="gradcam"))(x)
-
-Under ``jit``, give ``targets`` as Python ints (or ``None``/a callable): ``camcore.targets.check_targets``
-reads an array of targets on the host.
-
-**forward_masked** jits its passes and caches the compiled functions on the adapter (the model's variables are
-arguments, not constants baked into the executable), so repeated calls with the same shapes neither retrace nor
-recompile. For layer masks the layer's output at its last call is *replaced* by its activations from the unmasked
-pass times the mask: nothing depends on the layers before it any more and XLA's dead-code elimination drops them.
-A model that cannot be traced (a NumPy step inside) runs eagerly instead, with a warning.
-
-Eager calls run op by op, and the first call compiles every op for its shapes (tens of seconds for an
-EfficientNet on CPU, about a second per later call); for repeated use, jit the explain call as above.
-
-Arrays handed to the core are ``jax.Array`` and channels-first ``(B, C, *S)`` (moved from channels-last
-``(B, *S, C)`` with ``jnp.moveaxis``); maps come back as a ``jax.Array`` even for NumPy inputs.
+Flax is looked up in ``sys.modules`` only. The model is never changed: linen ``variables`` are only passed to
+``module.apply`` (the layer's output is read or replaced with ``flax.linen.intercept_methods``), and every nnx call
+works on a throw-away copy (``nnx.merge(*nnx.split(model), copy=True)``, made inside the traced function) in
+which the submodule is swapped for a tapping wrapper and ``.eval()`` is set. Nothing reads a traced value, and
+``explain`` skips its value checks under tracing (:meth:`JaxAdapter.concrete`), so gradient methods jit-compile
+whole. The masked passes are ``jax.jit`` functions cached on the adapter, with the model's arrays as arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-import math
 import sys
 from collections.abc import Mapping
 
@@ -96,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from camcore.targets import check_targets, class_indices, class_scores, target_scores
+from camcore.targets import target_scores
 
-from . import check_batch_size, check_data_format, check_masks, fell_back, masked_rows, unknown_layer
+from . import check_data_format, unknown_layer
+from .engine import Engine
 
 __all__ = ["JaxAdapter", "accepts"]
-
-_MODES = ("eval", "as-is")
 # the inference value of the mode arguments a linen root module may take (model_mode="eval")
 _INFERENCE_ARGS = {"train": False, "training": False, "is_training": False, "deterministic": True,
                    "use_running_average": True}
@@ -442,7 +366,7 @@ class _Call:
     out_type: str
 
 
-class JaxAdapter:
+class JaxAdapter(Engine):
     """Adapter for a Flax linen ``(module, variables)`` pair, a Flax nnx module, or a ``(features, head)`` pair
     of JAX functions (see the module docstring for each kind, its layer names and the jit pattern).
 
@@ -452,25 +376,22 @@ class JaxAdapter:
             ``"as-is"`` runs the model as it is configured (see the module docstring).
         data_format: ``None`` or ``"channels_last"`` (Flax's layout): inputs ``(B, *S, C)`` and layer outputs
             ``(B, *s, K)``; ``"channels_first"`` when both are ``(B, C, *S)``.
+        compile: ``False`` runs the masked passes eagerly instead of jitted.
     """
 
-    _compile = True  # False: forward_masked runs the model eagerly (the "full" path), for benchmarks and debugging
+    fast_text = "jitting {}"
 
-    def __init__(self, model, *, model_mode: str = "eval", data_format: str | None = None):
-        if model_mode not in _MODES:
-            raise ValueError(f"model_mode: expected one of {_MODES}, got {model_mode!r}")
+    def __init__(self, model, *, model_mode: str = "eval", data_format: str | None = None, compile: bool = True):
+        super().__init__(model, model_mode=model_mode, compile=compile)
         self.channels_last = check_data_format(data_format, "channels_last")
         kind = _kind(model)
         if kind is None:
             raise TypeError(f"model: expected a Flax linen (module, variables) pair, a Flax nnx module, or a "
                             f"(features, head) pair of JAX functions; got {type(model).__name__}")
-        self.model = model
-        self.model_mode = model_mode
         self._model = {"linen": lambda: _Linen(*model), "nnx": lambda: _Nnx(model),
                        "pair": lambda: _Pair(*model)}[kind]()
         self._last_trace: list[_Call] | None = None  # the latest abstract trace (all modules, call order)
-        self._jits: dict = {}  # forward_masked's jitted functions, by what they compute
-        self._no_jit: dict = {}  # why jit failed, per (layer or None, model_mode, static structure)
+        self._jits: dict = {}  # the masked passes' jitted functions, by what they compute
 
     @staticmethod
     def concrete(a) -> bool:
@@ -503,71 +424,65 @@ class JaxAdapter:
         """The model's layer names. For linen, parameter-free submodules (dropout, blocks without params) are
         known only after a trace: pass ``inputs`` (or call any contract method first) to include them."""
         if inputs is not None:
-            self.check_inputs(inputs)
-            self._trace(jnp.asarray(inputs) if isinstance(inputs, np.ndarray) else inputs)
+            self._trace(self.check_inputs(inputs))
         names = self._model.names()
         if self._last_trace is not None:
             traced = list(dict.fromkeys(c.name for c in self._last_trace))
             names = traced + [n for n in names if n not in traced]
         return names
 
-    def default_layer(self, inputs) -> str:
-        """The last module (in call-finish order: a parent after its children) whose output is a feature map:
-        one array of the inputs' rank with more than one spatial position. Costs one abstract trace
-        (``jax.eval_shape``), no compute."""
-        self.check_inputs(inputs)
-        calls = self._trace(_as_jax(inputs))
-        maps = [c.name for c in calls if c.out is not None and len(c.out.shape) == inputs.ndim
-                and math.prod(self._spatial(c.out.shape)) > 1]
-        if not maps:
-            layout = "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
-            raise ValueError(f"layer: no module of the model outputs a feature map {layout} of the inputs' rank; "
-                             f"name the layer to explain")
-        return maps[-1]
-
-    # ----------------------------------------------------------------------------------------- inputs
-    def check_inputs(self, inputs) -> None:
-        layout = "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
+    # ----------------------------------------------------------------------------------------- arrays
+    def _array(self, inputs):
         if not isinstance(inputs, (jax.Array, np.ndarray)):
+            layout = "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
             raise TypeError(f"inputs: expected a jax.Array or a NumPy array {layout} for a JAX model, got "
                             f"{type(inputs).__name__}")
-        if not jnp.issubdtype(inputs.dtype, jnp.floating):
-            raise TypeError(f"inputs: expected a floating-point array {layout}, got dtype {inputs.dtype}")
-        if inputs.ndim < 2 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs: expected a non-empty batch {layout} with B >= 1, got shape "
-                             f"{tuple(inputs.shape)}")
+        return inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
 
-    def spatial_shape(self, inputs) -> tuple[int, ...]:
-        """The inputs' spatial size ``S`` of ``(B, *S, C)`` (channels-last) or ``(B, C, *S)``."""
-        return self._spatial(inputs.shape)
+    @staticmethod
+    def _floating(x) -> bool:
+        return jnp.issubdtype(x.dtype, jnp.floating)
 
-    def _spatial(self, shape) -> tuple[int, ...]:
-        return tuple(shape[1:-1]) if self.channels_last else tuple(shape[2:])
+    def _last(self, x) -> bool:
+        return self.channels_last
 
-    def _channels_first(self, a, rank):
+    def _to_core(self, a, rank):
         """``(B, C, *S)`` from the native layout; only outputs of the inputs' ``rank`` are feature maps (a
         transformer's ``(B, N, D)`` tokens stay as they are, as in PyTorch)."""
         return jnp.moveaxis(a, -1, 1) if self.channels_last and a.ndim == rank else a
 
-    # ------------------------------------------------------------------------------------ the tracing
+    @staticmethod
+    def _from_core(masks, x, move):
+        masks = jnp.asarray(masks, dtype=x.dtype)
+        return jnp.moveaxis(masks, 1, -1) if move else masks
+
+    @staticmethod
+    def _core_outputs(tree):
+        return tree
+
+    @staticmethod
+    def _reason(err) -> str:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"jit-compiling the model raised {type(err).__name__}: {first}"
+
+    # ------------------------------------------------------------------------------------- primitives
     def _runner(self, wanted, parts=None):
         return self._model.runner(self.model_mode == "eval", wanted, parts)
 
-    def _trace(self, x) -> list[_Call]:
+    def _session(self, x):
+        return contextlib.nullcontext()  # pure: nothing to put back
+
+    def _trace(self, x):
         """Every module call of one forward pass, in call-finish order, from an abstract trace."""
         calls: list[_Call] = []
-
-        def hook(name, cls, out):
-            spec = jax.ShapeDtypeStruct(out.shape, out.dtype) if isinstance(out, jax.Array) else None
-            calls.append(_Call(name, cls, spec, type(out).__name__))
-            return out
-
         run = self._runner(None)
-        jax.eval_shape(lambda x: _arrays_only(run(x, hook)), x)
+        jax.eval_shape(lambda x: _arrays_only(run(x, _recording_hook(calls, []))), x)
         self._last_trace = calls
-        return calls
+        last, rank = self.channels_last, len(x.shape)
+        shapes = [(c.name, tuple(c.out.shape)) for c in calls if c.out is not None]
+        return [(n, (s[0], s[-1], *s[1:-1]) if last and len(s) == rank else s) for n, s in shapes]
 
-    def _last_calls(self, calls, names, what="layer"):
+    def _last_calls(self, calls, names, what):
         """Per name: ``(number of calls, output spec of the last call)``; errors for layers that do not run or do
         not output one array."""
         found = {}
@@ -584,28 +499,20 @@ class JaxAdapter:
             found[name] = (len(mine), mine[-1].out)
         return found
 
-    # ---------------------------------------------------------------------------- the contract methods
-    def activations_and_grads(self, inputs, layers, targets=None, *, gradients=True):
-        """One forward pass; for each layer, its activations and ``d(sum_b y_b)/dA``, channels-first.
-
-        Args:
-            inputs: ``(B, *S, C)`` (or ``(B, C, *S)`` with ``data_format="channels_first"``) float array.
-            layers: list of layer names or paths (see the module docstring).
-            targets: as :func:`camcore.targets.check_targets` accepts.
-            gradients: ``False`` skips the backward pass (``grads`` is then a list of ``None``).
-        Returns:
-            ``(outputs, activations, grads)``: the model outputs as it returned them, and per layer the
-            activations and gradients, ``(B, C, *s)`` ``jax.Array`` in the model's dtype. A layer called several
-            times in one forward pass is taken at its last call.
-        """
-        self.check_inputs(inputs)
-        x = _as_jax(inputs)
-        b = x.shape[0]
-        names = [self.resolve_layer(layer)[0] for layer in layers]
-        targets = check_targets(targets, b)
-        last = self._last_calls(self._trace(x), names)
-        wanted = set(names)
-        run = self._runner(wanted)
+    def _capture(self, x, named, targets, gradients, what):
+        """The abstract trace learns each layer's calls; the real pass adds a zero ``delta`` to the layer's output
+        at its last call and takes ``jax.vjp`` w.r.t. the deltas only (the layers after the target)."""
+        names = [n for n, _ in named]
+        if not gradients:  # one eager pass records every module call (no abstract trace: host steps are fine)
+            calls, outs = [], []
+            outputs = self._runner(None)(x, _recording_hook(calls, outs))
+            self._last_trace = calls
+            last = self._last_calls(calls, names, what)
+            acts = [[o for c, o in zip(calls, outs) if c.name == n][-1] for n in names]
+            return outputs, acts, [None] * len(acts), {n: last[n][0] for n in names}
+        self._trace(x)
+        last = self._last_calls(self._last_trace, names, what)
+        run = self._runner(set(names))
 
         def forward(deltas):
             seen: dict[str, int] = {}
@@ -615,186 +522,52 @@ class JaxAdapter:
                 seen[name] = seen.get(name, 0) + 1
                 if seen[name] == last[name][0]:  # the last call: capture, and open the gradient path here
                     captured[name] = out
-                    if deltas is not None:
-                        for i, n in enumerate(names):
-                            if n == name:
-                                out = out + deltas[i]
+                    for i, n in enumerate(names):
+                        if n == name:
+                            out = out + deltas[i]
                 return out
 
             outputs = run(x, hook)
             return outputs, [captured[n] for n in names]
 
-        if not gradients:
-            outputs, acts = forward(None)
-            return outputs, [self._channels_first(a, x.ndim) for a in acts], [None] * len(acts)
-
         def scores_of(deltas):
             outputs, acts = forward(deltas)
-            scores, _ = target_scores(targets, outputs, b)
-            return scores, (outputs, acts)
+            return target_scores(targets, outputs, x.shape[0])[0], (outputs, acts)
 
         deltas = [jnp.zeros(last[n][1].shape, last[n][1].dtype) for n in names]
         scores, vjp_fn, (outputs, acts) = jax.vjp(scores_of, deltas, has_aux=True)
         (grads,) = vjp_fn(jnp.ones_like(scores))
-        return (outputs, [self._channels_first(a, x.ndim) for a in acts],
-                [self._channels_first(g, x.ndim) for g in grads])
+        return outputs, acts, list(grads), {n: last[n][0] for n in names}
 
-    def forward_masked(self, inputs, masks, *, at="input", targets=None, batch_size=32, probability=False,
-                       progress=None, info=None):
-        """Target scores of the model with masks multiplied into the inputs or into a layer's activations.
-
-        Args:
-            inputs: ``(B, *S, C)`` (channels-last) or ``(B, C, *S)``.
-            masks: ``(M, *shape)`` shared by all samples or ``(B, M, *shape)`` per sample, where ``shape`` is in
-                the core's **channels-first** convention and broadcasts against one sample at ``at`` (e.g.
-                ``(1, H, W)`` spatial masks on the input, ``(C, 1, 1)`` channel masks on a layer); the adapter
-                moves the channel axis to the model's layout.
-            at: ``"input"``, or a layer whose output (at its last call) is multiplied by the mask.
-            targets: as in :meth:`activations_and_grads`; ``None`` is each sample's top class unmasked.
-            batch_size: masked copies run per forward pass; bounds peak memory.
-            probability: score class targets by their softmax probability (float32) instead of their logit.
-            progress: ``progress(n)`` is called after each forward pass with its number of masks.
-            info: a dict that receives ``"path"``: ``"compiled"`` for layer masks scored by a ``jax.jit``
-                function in which the layer's last-call output is replaced by the masked activations of the
-                unmasked pass (XLA then drops the layers before it), else ``"full"`` (the whole model per chunk,
-                jitted for input masks); and ``"reason"`` when jit failed and the model ran eagerly instead (a
-                ``RuntimeWarning`` says so too). The jitted functions are cached on the adapter.
-        Returns: ``(B, M)`` float32 ``jax.Array``.
-        """
-        self.check_inputs(inputs)
-        check_batch_size(batch_size)
-        x = _as_jax(inputs)
-        b = x.shape[0]
-        masks = jnp.asarray(masks, dtype=x.dtype)
-        targets = check_targets(targets, b)
-        name = None if isinstance(at, str) and at == "input" else self.resolve_layer(at)[0]
-        info = {} if info is None else info
+    def _masked(self, name, layer, calls, fast):
+        """Input masks: the model on ``x_i * masks``. Layer masks: eagerly, the layer's last-call output times the
+        mask; jitted, the model on ``x_i`` tiled to the chunk with that output *replaced* by ``A_i * masks``: no
+        output depends on the layers before it any more (but for skip connections), so XLA drops them. The jitted
+        functions take the model's arrays as arguments (not constants) and are cached per layer and structure."""
         static, state = self._model.split()
-        family = (name, self.model_mode, static)
-        jit = {"on": self._compile and family not in self._no_jit}
-        if family in self._no_jit:  # it failed before, for this adapter: straight to the eager passes
-            _fell_back(info, name, self._no_jit[family], stacklevel=3)
 
-        def jitted(call, eager, stacklevel):
-            """``call()`` (jitted), else ``eager()``; when only the eager one works, remember why and warn."""
-            failed = None
-            if jit["on"]:
-                try:
-                    return call()
-                except Exception as err:  # tracing or compiling failed (or the model raised: the eager pass tells)
-                    failed = err
-            result = eager()
-            if failed is not None:
-                jit["on"] = False
-                self._no_jit[family] = _reason(failed)
-                _fell_back(info, name, self._no_jit[family], stacklevel)
-            return result
+        def run_with(run):
+            def chunk(state, xi, ai, masks):
+                if name is None:
+                    return run(xi * masks, None, state)
+                tiled = jnp.broadcast_to(xi, (masks.shape[0], *xi.shape[1:]))
+                return run(tiled, (_replacing_hook if fast else _masking_hook)(ai, masks, calls), state)
 
-        plain, acts, n_calls = None, None, 0
-        if name is not None or targets is None:  # the unmasked pass: the layer's last call, the top classes
-            plain, acts, calls = jitted(lambda: self._probe_jit(name, static, state, x),
-                                        lambda: self._probe_eager(name, x), stacklevel=4)
-        if name is None:
-            sample = tuple(x.shape[1:])
-        else:
-            n_calls, spec = self._last_calls(calls, [name], what="at")[name]
-            sample = tuple(spec.shape[1:])
-        rank = len(sample)
-        feature_map = self.channels_last and rank == x.ndim - 1
-        per_sample = check_masks(masks.shape, b, (b, *(sample[-1:] + sample[:-1] if feature_map else sample)), at)
-        # a chunk's channel axis goes last, as the model has it, inside the jitted functions (no extra dispatch)
+            return chunk
 
-        idx, checked = targets, [callable(targets)]
-        if not callable(targets) and plain is not None:  # top classes / range check on the unmasked outputs
-            idx, checked[0] = _class_indices(targets, plain), True
-            idx = np.asarray(idx).tolist() if self.concrete(idx) else idx
-        made: dict = {}  # built on first use: the eager runner, the jitted chunk function, each sample's slices
-
-        def sample_of(i):
-            if i not in made:
-                made[i] = tuple(None if a is None else a if b == 1 else a[i : i + 1] for a in (x, acts))
-            return made[i]
-
-        def eager(i, chunk):
-            xi, m = sample_of(i)[0], chunk.shape[0]
-            chunk = jnp.moveaxis(chunk, 1, -1) if feature_map else chunk
-            run = made["run"] = made.get("run") or self._runner(set() if name is None else {name}, (static, state))
-            if name is None:
-                return run(xi * chunk, None), None
-            return run(jnp.broadcast_to(xi, (m, *xi.shape[1:])), _masking_hook(chunk, n_calls)), None
-
-        def compiled(i, chunk):
-            if "fn" not in made:
-                made["fn"] = self._chunk_jit(name, n_calls, static, probability, not callable(targets), feature_map)
-            index = None if callable(targets) else np.int32(idx[i]) if isinstance(idx, list) else idx[i]
-            return made["fn"](state, *sample_of(i), chunk, index)
-
-        def score(i, chunk):
-            out, scores = jitted(lambda: compiled(i, chunk), lambda: eager(i, chunk), stacklevel=6)
-            m = chunk.shape[0]
-            if callable(targets):
-                return target_scores(targets, out, m)[0]
-            if not checked[0]:  # class indices given: range-check them against the first chunk's outputs' shape
-                _class_indices(targets, out)
-                checked[0] = True
-            return class_scores(out, idx[i], probability=probability) if scores is None else scores
-
-        rows = masked_rows(masks, b, per_sample, batch_size, score, progress)
-        info["path"] = "compiled" if name is not None and jit["on"] else "full"
-        joined = [jnp.concatenate(row) if len(row) > 1 else row[0] for row in rows]
-        return (jnp.stack(joined) if b > 1 else joined[0][None]).astype(jnp.float32)
-
-    def _probe_eager(self, name, x):
-        """``(outputs, the layer's last-call output, [_Call per call of the layer])`` of one eager forward pass."""
-        calls, outs = [], []
-        plain = self._runner(set() if name is None else {name})(x, _recording_hook(calls, outs))
-        return plain, outs[-1] if outs else None, calls
-
-    def _probe_jit(self, name, static, state, x):
-        """:meth:`_probe_eager` as a cached ``jax.jit`` function, one per layer and input shape (the calls of the
-        layer are recorded while it is traced)."""
-        key = ("probe", name, self.model_mode, static, tuple(x.shape), x.dtype)
-        if key not in self._jits:
-            run, meta = self._runner(set() if name is None else {name}, (static, None)), {"calls": []}
-
-            def probe(state, x):
-                calls, outs = [], []
-                plain = run(x, _recording_hook(calls, outs), state)
-                meta["calls"] = calls
-                return _arrays_only(plain), outs[-1] if outs and isinstance(outs[-1], jax.Array) else None
-
-            self._jits[key] = (jax.jit(probe), meta)
-        fn, meta = self._jits[key]
-        plain, last = fn(state, x)
-        return plain, last, meta["calls"]
-
-    def _chunk_jit(self, name, n_calls, static, probability, class_targets, feature_map):
-        """The cached ``jax.jit`` function ``f(state, x_i, A_i, masks, index) -> (outputs, scores or None)`` that
-        scores one chunk. Input masks: the model on ``x_i * masks``. Layer masks: the model on ``x_i`` tiled to
-        the chunk, with the layer's output at its last call replaced by ``A_i * masks``; no output depends on the
-        layers before it any more (but for skip connections), so XLA's dead-code elimination drops them.
-        ``scores`` are class ``index``'s (logit or probability) when the outputs are ``(M, K)`` logits.
-        ``feature_map``: the masks' channel axis (1) moves last, to the model's layout."""
-        key = ("chunk", name, n_calls, self.model_mode, static, probability, class_targets, feature_map)
+        if not fast:
+            chunk = run_with(self._runner(set() if name is None else {name}, (static, state)))
+            return lambda xi, ai, masks: chunk(None, xi, ai, masks)
+        key = ("chunk", name, calls, self.model_mode, static)
         if key not in self._jits:
             run = self._runner(set() if name is None else {name}, (static, None))
-
-            def chunk_scores(state, xi, a, mask, index):
-                mask = jnp.moveaxis(mask, 1, -1) if feature_map else mask  # channels-first masks -> the model's
-                if name is None:
-                    out = run(xi * mask, None, state)
-                else:
-                    out = run(jnp.broadcast_to(xi, (mask.shape[0], *xi.shape[1:])), _replacing_hook(a, mask, n_calls),
-                              state)
-                logits = class_targets and isinstance(out, jax.Array) and out.ndim == 2
-                return out, class_scores(out, index, probability=probability) if logits else None
-
-            self._jits[key] = jax.jit(chunk_scores)
-        return self._jits[key]
+            self._jits[key] = jax.jit(lambda *args: _arrays_only(run_with(run)(*args)))
+        fn = self._jits[key]
+        return lambda xi, ai, masks: fn(state, xi, ai, masks)
 
     def traces(self) -> int:
         """How many times this adapter's cached ``jax.jit`` functions have been traced and compiled so far."""
-        return sum((f[0] if isinstance(f, tuple) else f)._cache_size() for f in self._jits.values())
+        return sum(f._cache_size() for f in self._jits.values())
 
     def linear_classifier(self, name=None):
         """``(name, weight (K, C), bias (K,) or None)`` of the classifier named ``name``, or of the last
@@ -805,7 +578,7 @@ class JaxAdapter:
         return name, jnp.asarray(kernel).T, None if bias is None else jnp.asarray(bias)
 
 
-def _masking_hook(mask, n_calls):
+def _masking_hook(a, mask, n_calls):
     """Multiply the layer's output by ``mask`` at its ``n_calls``-th (last) call."""
     seen = [0]
 
@@ -840,34 +613,6 @@ def _recording_hook(calls, outs):
         return out
 
     return hook
-
-
-def _class_indices(targets, outputs):
-    """Each sample's class index (the top class for ``targets=None``), checked against the ``(B, K)`` outputs; a
-    model that does not return one array of logits gets ``target_scores``' error. Given indices are checked
-    against the outputs' shape only (a NumPy stand-in: no device work) and returned as they are."""
-    if not hasattr(outputs, "ndim"):
-        target_scores(targets, outputs, 0)  # raises: the model returned ..., not one array of logits
-    if targets is None:
-        return class_indices(targets, outputs)
-    class_indices(targets, np.broadcast_to(np.float32(0), outputs.shape))
-    return targets
-
-
-def _fell_back(info, name, reason, stacklevel):
-    """:func:`camcore.backends.fell_back` for the jitted function of layer ``name`` (``None``: the input masks)."""
-    what = "the masked model" if name is None else f"only the layers after {name!r}"
-    fell_back(info, f"jitting {what}", reason, stacklevel)
-
-
-def _reason(err) -> str:
-    """A one-line reason: jit-compiling the model raised ``err``."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"jit-compiling the model raised {type(err).__name__}: {first}"
-
-
-def _as_jax(inputs):
-    return inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
 
 
 def _arrays_only(tree):

@@ -70,21 +70,17 @@ def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphM
 class Tail:
     """The model's outputs with a layer's activations multiplied by masks, computing only the layers after it.
 
-    ``tail(i, x, masks)``: ``x`` is sample ``i`` (``(1, C, *S)``), ``masks`` ``(M, *shape)`` broadcasting against
-    one sample's activations ``(C, *s)``; returns the outputs batched as ``(M, ...)``. The prefix runs once per
-    sample (cached by ``i`` until :meth:`reset`); the tail runs under ``torch.func.vmap`` over the masks."""
+    ``tail(x, masks)``: ``x`` is one sample (``(1, C, *S)``), ``masks`` ``(M, *shape)`` broadcasting against its
+    activations ``(C, *s)``; returns the outputs batched as ``(M, ...)``. The prefix runs once per sample (kept
+    while the same ``x`` object comes back); the tail runs under ``torch.func.vmap`` over the masks."""
 
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module):
         self.prefix, self.tail, self._computed = split_at(model, module)
         self._sample: tuple | None = None
 
-    def reset(self) -> None:
-        """Forget the cached prefix of the last sample (before new inputs)."""
-        self._sample = None
-
-    def __call__(self, i: int, x, masks):
-        if self._sample is None or self._sample[0] != i:
-            self._sample = (i, *self.prefix(x))
+    def __call__(self, x, masks):
+        if self._sample is None or self._sample[0] is not x:
+            self._sample = (x, *self.prefix(x))
         _, act, *frontier = self._sample
         # a fresh copy of each computed value per call: the tail may change them in place (x += skip)
         frontier = [f.clone() if computed and isinstance(f, torch.Tensor) else f

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from . import maps
 from ._xp import array_namespace, float32
 from .methods import Context, get_method
-from .targets import check_targets
 
 __all__ = ["explain", "Explainer"]
 
@@ -133,26 +132,25 @@ class Explainer:
         """Maps ``(B, *S)`` of ``inputs`` for ``targets`` (as :func:`explain`); ``info`` overrides the option."""
         adapter, opts = self.adapter, self._opts
         with model_lock(self.model):
-            adapter.check_inputs(inputs)
-            targets = check_targets(targets, inputs.shape[0])
+            x = adapter.check_inputs(inputs)
             if self._layers is None:
-                self._layers = [adapter.default_layer(inputs)]
+                self._layers = [adapter.default_layer(x)]
                 self._names = [adapter.resolve_layer(self._layers[0])[0]]
-            outputs, acts, grads = adapter.activations_and_grads(inputs, self._layers, targets,
-                                                                 gradients=self.method.needs_grads)
+            cap = adapter.capture(x, self._layers, targets, gradients=self.method.needs_grads)
             reshape: Callable | None = opts["reshape"]
             cams = []
-            for name, a, g in zip(self._names, acts, grads):
+            for k, (name, a, g) in enumerate(zip(self._names, cap.acts, cap.grads)):
                 a = float32(reshape(a) if reshape else a)
                 g = None if g is None else float32(reshape(g) if reshape else g)
                 if adapter.concrete(a):  # values exist (not a jit trace): check them
                     _check_layer_arrays(name, a, g)
                 if opts["counterfactual"] and g is not None:
                     g = -g
-                ctx = Context(name, a, g, outputs, targets, adapter, inputs, counterfactual=opts["counterfactual"],
-                              eigen_smooth=opts["eigen_smooth"], info=opts["info"] if info is None else info)
+                ctx = Context(name, a, g, cap.outputs, cap.targets, adapter, cap, k,
+                              counterfactual=opts["counterfactual"], eigen_smooth=opts["eigen_smooth"],
+                              info=opts["info"] if info is None else info)
                 cams.append(maps.relu(self.method(ctx, **self._hyper)))
-            out = maps.fuse(cams, _output_size(adapter.spatial_shape(inputs), cams, self.upsample))
+            out = maps.fuse(cams, _output_size(adapter.spatial_shape(x), cams, self.upsample))
             return adapter.to_native(maps.normalize(out) if self.normalize else out, inputs)
 
     def close(self) -> None:

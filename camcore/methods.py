@@ -5,7 +5,7 @@ or (Eigen-CAM, ``eigen_smooth=True``) their first principal component oriented b
 method differs in is its weights, so a method is a small object whose ``weights(ctx, **hyper)`` says how it gets
 them: from ``G = dy/dA`` (the gradient formulas of :mod:`camcore.weights`), from the classifier (CAM), from none
 (Eigen-CAM), or from the model's scores on masked copies (the Score-CAM family and Ablation-CAM, through
-:mod:`camcore.perturbation` and the backend's ``forward_masked``). Hyper-parameters are keyword-only, with their
+:mod:`camcore.perturbation` and the engine's ``score_masked``). Hyper-parameters are keyword-only, with their
 defaults stated once, in ``hyper``. ``explain`` never branches on a method's name.
 """
 from __future__ import annotations
@@ -36,7 +36,9 @@ class Context:
         layer: the layer's name. ``activations``: float32 ``(B, C, *S)``; ``grads``: ``dy/dA`` of the same shape
         (negated for ``counterfactual``), or ``None`` for methods without gradients. ``outputs``: the model's
         outputs; ``targets``: the checked targets (``None``, one int per sample, or a callable).
-        ``adapter``/``inputs``: the backend and the user's inputs, for methods that run the model again.
+        ``adapter``: the backend's engine (:class:`camcore.backends.engine.Engine`), whose services
+        (``score_masked``, ``linear_classifier``) methods that run the model again use, with ``capture`` (the
+        engine's capture pass) and ``index`` (this layer's place in it).
         ``counterfactual``, ``eigen_smooth``, ``info`` (a dict to report how a masked method ran, or ``None``).
     """
 
@@ -46,7 +48,8 @@ class Context:
     outputs: object
     targets: object
     adapter: object
-    inputs: object
+    capture: object
+    index: int = 0
     counterfactual: bool = False
     eigen_smooth: bool = False
     info: dict | None = None
@@ -245,7 +248,7 @@ class ScoreCAM(Method):
     def weights(self, ctx, *, batch_size, progress, weighting, top_k, **hyper):
         host = _host_activations(self, ctx)
         return P.score_weights(
-            ctx.adapter, ctx.inputs, ctx.activations, host, ctx.classes, draws=self.draws(hyper),
+            ctx.adapter, ctx.capture, ctx.activations, host, ctx.classes, draws=self.draws(hyper),
             vary=lambda masks, draws, channels, sample: self.vary(masks, draws, channels, sample, hyper),
             dedupe=self.dedupe, weighting=weighting, top_k=top_k, batch_size=batch_size, progress=progress,
             info=ctx.info)
@@ -299,7 +302,7 @@ class AblationCAM(Method):
     def weights(self, ctx, *, batch_size, progress):
         host = _host_activations(self, ctx)
         y = target_scores(ctx.targets, ctx.outputs, ctx.activations.shape[0])[0]
-        return P.ablation_weights(ctx.adapter, ctx.inputs, ctx.layer, ctx.activations, host, y, ctx.classes,
+        return P.ablation_weights(ctx.adapter, ctx.capture, ctx.index, ctx.activations, host, y, ctx.classes,
                                   batch_size=batch_size, progress=progress, info=ctx.info)
 
 

@@ -2,7 +2,8 @@
 the layer).
 
 The pure functions build masks and turn scores into weights; :func:`score_weights` and :func:`ablation_weights`
-drive a backend's ``forward_masked`` with them, one sample at a time, in chunks (:class:`Chunker`). Masks are
+hand a backend's engine (``score_masked``) one plan of masks per sample, made lazily chunk by chunk
+(:class:`Chunker`), for the whole batch at once. Masks are
 channels-first and of the activations' namespace and device; a host copy of the activations (small: ``(C, *s)``
 per sample) decides which masks to run.
 
@@ -150,10 +151,11 @@ class _NoBar:
         pass
 
 
-def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedupe=True, weighting="probability",
+def score_weights(engine, cap, a, host, classes, *, draws=1, vary=None, dedupe=True, weighting="probability",
                   top_k=None, batch_size=None, progress=None, info=None):
     """``(B, C)`` Score-CAM-family weights (see the module docstring) of activations ``a`` (``(B, C, *s)``, ``host``
-    their NumPy copy) for ``inputs``.
+    their NumPy copy) captured by ``cap`` (a backend's :class:`~camcore.backends.engine.Capture`), from one
+    :meth:`~camcore.backends.engine.Engine.score_masked` call for the whole batch, with masks on the inputs.
 
     ``classes``: one class index per sample, or a callable target (its scores are used as they are, also under
     ``weighting="probability"``). Each chosen channel's mask is run ``draws`` times, as
@@ -162,34 +164,37 @@ def score_weights(adapter, inputs, a, host, classes, *, draws=1, vary=None, dedu
     """
     xp = array_namespace(a)
     b, c = a.shape[:2]
-    size = adapter.spatial_shape(inputs)
+    size = engine.spatial_shape(cap.x)
     n = draws
     chosen = (np.broadcast_to(np.arange(c), (b, c)) if top_k is None else top_variance_channels(host, top_k))
-    plans = []
+    picks = []
     for i in range(b):
         if dedupe:
             keep, inverse = distinct_channels(host[i, chosen[i]])
         else:
             keep, inverse = np.arange(len(chosen[i])), np.arange(len(chosen[i]))
-        plans.append((chosen[i][keep], inverse))
-    bar = progress_bar(sum(len(k) for k, _ in plans) * n, progress)
-    rows, chunker = [], Chunker(batch_size)  # one chunk-size search for the whole batch
+        picks.append((chosen[i][keep], inverse))
+
+    def plan(i, channels):
+        def make(start, stop):  # the masks of (channel, draw) pairs start..stop, channel-major
+            j = np.arange(start, stop)
+            masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
+            return masks if vary is None else vary(masks, j % n, channels[j // n], i)
+
+        return len(channels) * n, make
+
+    total = sum(len(ch) for ch, _ in picks) * n
+    bar = progress_bar(total, progress)
     try:
-        for i, (channels, inverse) in enumerate(plans):
-            flat = []  # scores of (channel, draw) pairs, channel-major
-            for start, stop in chunker.split(len(channels) * n):
-                j = np.arange(start, stop)
-                masks = channel_masks(xp.take(a[i], xp.asarray(channels[j // n], device=device(a)), axis=0), size)
-                masks = masks if vary is None else vary(masks, j % n, channels[j // n], i)
-                flat.append(adapter.forward_masked(
-                    inputs[i : i + 1], masks, targets=classes if callable(classes) else [classes[i]],
-                    batch_size=len(j), probability=weighting == "probability", progress=bar.update, info=info)[0])
-            scores = xp.mean(xp.reshape(xp.concat(flat), (len(channels), n)), axis=1)
-            rows.append(xp.take(scores, xp.asarray(inverse, device=device(a)), axis=0))
+        flat = engine.score_masked(cap, [plan(i, ch) for i, (ch, _) in enumerate(picks)], classes=classes,
+                                   probability=weighting == "probability", chunker=Chunker(batch_size),
+                                   progress=bar.update, info=info)
     finally:
         bar.close()
+    rows = [xp.take(xp.mean(xp.reshape(f, (len(ch), n)), axis=1), xp.asarray(inv, device=device(a)), axis=0)
+            for f, (ch, inv) in zip(flat, picks)]
     if info is not None:
-        info["masked_forwards"] = info.get("masked_forwards", 0) + sum(len(k) for k, _ in plans) * n
+        info["masked_forwards"] = info.get("masked_forwards", 0) + total
     return _scatter(xp, rows, chosen, c, a, weighting)
 
 
@@ -205,11 +210,11 @@ def _scatter(xp, rows, chosen, c, like, weighting):
     return xp.sum(scores[:, :, None] * xp.asarray(onehot, device=device(like)), axis=1)
 
 
-def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=None, progress=None, info=None):
-    """``(B, C)`` Ablation-CAM weights ``(y - y_k) / y`` for activations ``a`` (``(B, C, *s)``, ``host`` their NumPy
-    copy) at ``layer``; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in :func:`score_weights`.
-    ``batch_size=None``: 32 ablations per pass (each ``forward_masked`` call at a layer runs one unmasked pass
-    first, so the chunks are not made small)."""
+def ablation_weights(engine, cap, k: int, a, host, y, classes, *, batch_size=None, progress=None, info=None):
+    """``(B, C)`` Ablation-CAM weights ``(y - y_k) / y`` of the ``k``-th captured layer of ``cap``, whose
+    activations are ``a`` (``(B, C, *s)``, ``host`` their NumPy copy), from one :meth:`~camcore.backends.engine.Engine.score_masked` call
+    with channel masks at the layer; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in
+    :func:`score_weights`. ``batch_size=None``: 32 ablations per pass."""
     xp = array_namespace(a)
     b, c = a.shape[:2]
     yh = np.asarray(to_host(y), dtype=np.float64)
@@ -217,21 +222,19 @@ def ablation_weights(adapter, inputs, layer, a, host, y, classes, *, batch_size=
         raise ValueError(f"targets: the target score is exactly 0 for sample(s) {np.flatnonzero(yh == 0).tolist()}, "
                          f"so Ablation-CAM's (y - y_k) / y is undefined; explain another target")
     live = [np.flatnonzero(~(host[i].reshape(c, -1) == 0).all(axis=1)) for i in range(b)]
+    plans = [(len(lv), lambda s, e, lv=lv: ablation_masks(lv[s:e], c, a.ndim - 1, like=a)) for lv in live]
     bar = progress_bar(sum(len(lv) for lv in live), progress)
-    rows = []
     try:
-        for i in range(b):
-            ablated = np.full(c, float(yh[i]), dtype=np.float32)  # all-zero channels: ablation changes nothing
-            if len(live[i]):
-                masks = ablation_masks(live[i], c, a.ndim - 1, like=a)
-                got = adapter.forward_masked(inputs[i : i + 1], masks, at=layer,
-                                             targets=classes if callable(classes) else [classes[i]],
-                                             batch_size=32 if batch_size is None else batch_size,
-                                             progress=bar.update, info=info)[0]
-                ablated[live[i]] = to_host(got)
-            rows.append((yh[i] - ablated.astype(np.float64)) / yh[i])
+        got = engine.score_masked(cap, plans, at=k, classes=classes, chunker=Chunker(32 if batch_size is None
+                                  else batch_size), progress=bar.update, info=info) if any(map(len, live)) else []
     finally:
         bar.close()
+    rows = []
+    for i in range(b):
+        ablated = np.full(c, float(yh[i]), dtype=np.float32)  # all-zero channels: ablation changes nothing
+        if len(live[i]):
+            ablated[live[i]] = to_host(got[i])
+        rows.append((yh[i] - ablated.astype(np.float64)) / yh[i])
     if info is not None:
         info["masked_forwards"] = info.get("masked_forwards", 0) + sum(len(lv) for lv in live)
     return xp.asarray(np.stack(rows).astype(np.float32), device=device(a))

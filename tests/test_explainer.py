@@ -53,7 +53,7 @@ def test_a_second_keras_call_traces_nothing():
     explainer = camcore.Explainer(case.model, method="ablationcam", layer=case.cam_layer, progress=False)
     first = explainer(case.x, targets=[1, 2])
     traced = explainer.adapter.traces()
-    assert traced >= 2  # the unmasked probe and the chunk graph
+    assert traced >= 1  # the chunk graph (the activations come from the capture pass: no probe graph)
     second = explainer(case.x, targets=[1, 2])
     assert explainer.adapter.traces() == traced
     np.testing.assert_allclose(second, first, atol=1e-6)
@@ -77,7 +77,7 @@ def test_a_second_jax_call_compiles_nothing():
     explainer = camcore.Explainer((module, variables), method="ablationcam", layer="conv", progress=False)
     first = explainer(x, targets=[1, 3])
     compiled = explainer.adapter.traces()
-    assert compiled >= 2
+    assert compiled >= 1  # the chunk function (no probe: the capture pass holds the activations)
     second = explainer(x, targets=[1, 3])
     assert explainer.adapter.traces() == compiled  # today's explain rebuilt them every call
     np.testing.assert_allclose(np.asarray(second), np.asarray(first), atol=1e-6)

@@ -180,9 +180,9 @@ def test_class_index_with_map_outputs_asks_for_callable():
 
 def test_integer_input():
     model = small()
-    with pytest.raises(TypeError, match=r"inputs: expected a floating-point tensor .*got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"inputs: expected a floating-point array .*got dtype torch.int64"):
         camcore.explain(model, torch.ones(2, 3, 16, 16, dtype=torch.int64), method="gradcam", layer="features.5")
-    with pytest.raises(TypeError, match=r"inputs: expected a floating-point tensor .*got dtype torch.uint8"):
+    with pytest.raises(TypeError, match=r"inputs: expected a floating-point array .*got dtype torch.uint8"):
         TorchAdapter(model).forward_masked(torch.ones(2, 3, 16, 16, dtype=torch.uint8), torch.ones(1, 1, 16, 16))
     with pytest.raises(TypeError, match=r"inputs: expected a torch.Tensor for a PyTorch model, got ndarray"):
         camcore.explain(model, images().numpy(), method="gradcam", layer="features.5")
