@@ -4,6 +4,10 @@ Every reference value here is computed independently of camcore: the network spl
 (``keras.Model(m.input, m.get_layer(name).output)`` or the layers called one by one) and a tail called by hand on
 a watched tensor under our own ``tf.GradientTape``; a NumPy Grad-CAM written from the equation;
 ``tf.image.resize`` for the upsampling; plain Python loops for masked forward passes.
+
+Cases every backend shares (int/list/None/callable targets, masked scores and their batching, probability,
+mask/batch-size/input-dtype errors, unknown layer names, the model left alone) are checked once for all
+kinds against a NumPy oracle in ``test_contract.py``; this file keeps the rest.
 """
 from __future__ import annotations
 
@@ -735,49 +739,6 @@ def test_forward_masked_layer_channel_masks_match_hand_split(kind):
     assert_untouched(c.model, snap)
 
 
-@pytest.mark.parametrize("at", ["input", "layer"])
-def test_forward_masked_callable_target(at):
-    c = case("functional")
-    target = lambda out: out[:, 2] - out[:, 5]  # noqa: E731
-    if at == "input":
-        masks = np.random.default_rng(3).random((4, 1, 16, 16)).astype(np.float32)
-        logits = loop_input_logits(c.model, c.x, masks)
-        expected = logits[..., 2] - logits[..., 5]
-        got = KerasAdapter(c.model).forward_masked(c.x, masks, targets=target, batch_size=3)
-    else:
-        masks = np.random.default_rng(3).random((4, 8, 1, 1)).astype(np.float32)
-        expected = loop_layer_masks(c, "relu1", masks, target)
-        got = KerasAdapter(c.model).forward_masked(c.x, masks, at="relu1", targets=target, batch_size=3)
-    close(got, expected)
-
-
-def test_forward_masked_bad_mask_shape():
-    c = case("functional")
-    ad = KerasAdapter(c.model)
-    with pytest.raises(ValueError, match=r"masks: expected \(M, \*shape\) or \(2, M, \*shape\) with shape "
-                                         r"broadcasting against one sample \(3, 16, 16\) at 'input'; got shape "
-                                         r"\(3, 16, 16\)"):
-        ad.forward_masked(c.x, np.ones((3, 16, 16)))
-    with pytest.raises(ValueError, match=r"masks: expected .*\(2, M, \*shape\).*got shape \(3, 2, 1, 16, 16\)"):
-        ad.forward_masked(c.x, np.ones((3, 2, 1, 16, 16)))
-    with pytest.raises(ValueError, match=r"masks: .*one sample \(8, 16, 16\) at 'relu1'; got shape \(4, 8, 1\)"):
-        ad.forward_masked(c.x, np.ones((4, 8, 1)), at="relu1")
-
-
-@pytest.mark.parametrize("at,masks", [("input", (3, 1, 8, 8)), ("input", (3, 2, 16, 16)), ("relu1", (3, 3, 1, 1))])
-def test_forward_masked_mask_not_broadcasting(at, masks):
-    c = case("functional")
-    with pytest.raises(ValueError, match=r"masks: "):
-        KerasAdapter(c.model).forward_masked(c.x, np.ones(masks), at=at)
-
-
-@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
-def test_forward_masked_batch_size_checked(batch_size):
-    c = case("functional")
-    with pytest.raises(ValueError, match=r"batch_size: expected a positive int, got"):
-        KerasAdapter(c.model).forward_masked(c.x, np.ones((2, 1, 16, 16)), batch_size=batch_size)
-
-
 def test_forward_masked_multi_output_class_index_error():
     model = km.two_heads()
     with pytest.raises(ValueError, match=r"targets: the model returned list, not one array of logits"):
@@ -795,12 +756,6 @@ def test_forward_masked_multi_output_callable_target():
 
 
 # ----------------------------------------------------------- 6b. forward_masked: probability, progress, paths
-def np_softmax(z):
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def loop_layer_logits(prefix, tail, x, masks_cf, channels_last=True):
     """(B, M, K) logits by a plain loop over samples and masks: ``tail(prefix(x_i) * mask)``."""
     rows = []
@@ -809,30 +764,6 @@ def loop_layer_logits(prefix, tail, x, masks_cf, channels_last=True):
         rows.append([np.asarray(tail(a * (np.moveaxis(mk, 0, -1) if channels_last else mk)[None]))[0]
                      for mk in masks_cf])
     return np.array(rows)
-
-
-@pytest.mark.parametrize("at", ["input", "relu1"])
-def test_forward_masked_probability(at):
-    """probability=True: the softmax probability of the class, from the loop's logits; a callable's scores are
-    used as they are."""
-    c = case("functional")
-    rng = np.random.default_rng(11)
-    if at == "input":
-        masks = rng.random((5, 1, 16, 16)).astype(np.float32)
-        logits = loop_input_logits(c.model, c.x, masks)
-    else:
-        masks = (rng.random((5, 8, 1, 1)) > 0.4).astype(np.float32)
-        logits = loop_layer_logits(*hand_split(c, "relu1"), c.x, masks)
-    probs = np_softmax(logits)
-    top = top_classes(c.model, c.x)
-    ad = KerasAdapter(c.model)
-    for targets, idx in [([3, 7], [3, 7]), (None, top), (4, [4, 4])]:
-        got = ad.forward_masked(c.x, masks, at=at, targets=targets, batch_size=2, probability=True)
-        assert got.dtype == np.float32 and got.shape == (2, 5)
-        close(got, pick(probs, idx), rtol=1e-5, atol=1e-7)
-        close(ad.forward_masked(c.x, masks, at=at, targets=targets, batch_size=2), pick(logits, idx))
-    target = lambda out: out[:, 1] - out[:, 0]  # noqa: E731
-    close(ad.forward_masked(c.x, masks, at=at, targets=target, probability=True), logits[..., 1] - logits[..., 0])
 
 
 @pytest.mark.parametrize("at,shape", [("input", (1, 16, 16)), ("relu2", (12, 1, 1))])
