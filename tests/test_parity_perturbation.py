@@ -156,12 +156,15 @@ def pgc_ablation_weights(model, layer, x, targets, ablation_layer):
 
 
 def camcore_ablation_weights(model, x, layer, targets):
-    """camcore's Ablation-CAM weights, from :func:`camcore.perturbation.ablation_weights` on activations and
-    target logits taken here."""
+    """camcore's Ablation-CAM weights, from :func:`camcore.perturbation.ablation_weights` on the adapter's capture
+    of the layer, with the activations and target logits checked against ones taken here."""
     a = layer_output(model, x, layer)
     with torch.no_grad():
         y = model(x)[torch.arange(x.shape[0]), torch.as_tensor(targets)]
-    return camcore.perturbation.ablation_weights(TorchAdapter(model), x, layer, a, a.numpy(), y, list(targets),
+    engine = TorchAdapter(model)
+    cap = engine.capture(x, [layer], list(targets), gradients=False)
+    torch.testing.assert_close(cap.acts[0], a, rtol=0, atol=0)
+    return camcore.perturbation.ablation_weights(engine, cap, 0, a, a.numpy(), y, list(targets),
                                                  progress=False).numpy()
 
 
