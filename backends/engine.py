@@ -37,6 +37,7 @@ class Backend(Protocol):
     fast_path: str  # info["path"] of layer masks on the fast path: "tail" or "compiled"
     fast_text: str  # the fast path in the fallback warning, "{}" being what it runs: "jitting {}"
     acts_last: bool  # whether the layers of a channels-last model output channels-last feature maps
+    pad_chunks: bool  # whether the fast path compiles per chunk shape (short chunks are padded to a power of 2)
 
     def _array(self, inputs) -> Any:
         """``inputs`` as the framework's array; ``TypeError`` naming ``inputs`` for anything else."""
@@ -107,6 +108,7 @@ class Engine:
 
     fast_path, fast_text = "compiled", "{}"
     acts_last = True  # the layers of channels-last models compute channels-last feature maps (not torch's)
+    pad_chunks = True  # the fast path compiles per chunk shape: pad a short last chunk to a power of two
     compile = True
 
     def __init__(self, model, *, model_mode: str = "eval", compile: bool = True):
@@ -220,24 +222,24 @@ class Engine:
                 xi, ai = x[i : i + 1], None if at is None else cap.native[at][i : i + 1]
                 got = []
                 for start, stop in chunker.split(count):
-                    masks = self._from_core(make(start, stop), x, move)
+                    core, m = make(start, stop), stop - start
                     out = failed = None
                     if fast is not None:
                         try:
-                            out = fast(xi, ai, masks)
+                            out = fast(xi, ai, self._from_core(_padded(core) if self.pad_chunks else core, x, move))
                         except Exception as err:  # tracing failed (or the model raised: the eager pass tells)
                             failed = err
                     if out is None:
                         eager = eager or self._masked(name, handle, calls, fast=False)
-                        out = eager(xi, ai, masks)
+                        out = eager(xi, ai, self._from_core(core, x, move))
                     if failed is not None:  # the eager pass worked: the fast path was the problem
                         fast, self._failed[key] = None, self._reason(failed)
                         fell_back(info, self.fast_text.format(what), self._failed[key], stacklevel=3)
-                    if cap.outputs is None and not callable(classes) and not rows and not got:
+                    if cap.outputs is None and not callable(classes) and not rows and not got:  # range check
                         self.classes(Capture(x, self._core_outputs(out), [], [], [], [], classes, {}))
-                    got.append(self._pick(out, classes, i, stop - start, probability))
+                    got.append(self._pick(out, classes, i, m, probability)[:m])
                     if progress is not None:
-                        progress(stop - start)
+                        progress(m)
                 rows.append(None if not got else got[0] if len(got) == 1 else array_namespace(got[0]).concat(got))
         info["path"] = self.fast_path if at is not None and fast is not None else "full"
         return rows
@@ -265,12 +267,32 @@ class Engine:
         construction checks it here; the others trust it)."""
 
     def _pick(self, out, classes, i: int, m: int, probability: bool):
-        """``(m,)`` float32 scores of sample ``i``'s target in the outputs of ``m`` masked copies."""
+        """``(m,)`` float32 scores of sample ``i``'s target in the outputs of ``m`` masked copies (or more: padded)."""
         if callable(classes):
-            return float32(self._core_outputs(target_scores(classes, out, m)[0]))
+            return float32(self._core_outputs(target_scores(classes, out, len(_leaves(out)[0]))[0]))
         return class_scores(self._core_outputs(out), classes[i], probability=probability)
 
     @staticmethod
     def _reason(err) -> str:
         """A one-line reason for a fallback: the error's type and first line."""
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def _padded(masks):
+    """``masks`` ``(m, ...)`` with the last one repeated up to the next power of two: a compiled fast path then
+    sees at most ``log2`` chunk shapes, whatever the number of masks (the extra scores are dropped)."""
+    m = masks.shape[0]
+    size = 1 << (m - 1).bit_length()
+    if size == m:
+        return masks
+    xp = array_namespace(masks)
+    return xp.concat([masks, xp.broadcast_to(masks[-1:], (size - m, *masks.shape[1:]))])
+
+
+def _leaves(tree) -> list:
+    """The arrays of an output tree (its first is batched by the masks)."""
+    if isinstance(tree, (list, tuple)):
+        return [a for t in tree for a in _leaves(t)]
+    if isinstance(tree, dict):
+        return [a for t in tree.values() for a in _leaves(t)]
+    return [tree]

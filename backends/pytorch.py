@@ -79,7 +79,7 @@ class TorchAdapter(Engine):
         compile: ``False`` runs layer masks through the whole model (the ``"full"`` path) instead of the tail.
     """
 
-    fast_path, fast_text, acts_last = "tail", "{} (a torch.fx split)", False
+    fast_path, fast_text, acts_last, pad_chunks = "tail", "{} (a torch.fx split)", False, False
 
     def __init__(self, model: torch.nn.Module, *, model_mode: str = "eval", data_format: str | None = None,
                  compile: bool = True):

@@ -50,7 +50,9 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             array of the model's framework (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
             ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"``, ``"eigengradcam"``, or the gradient-free
-            ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`).
+            ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`); or a
+            list of them: a dict of maps per method, all from one forward (and backward) pass, which is how to
+            compare methods on equal terms (each method takes its own options from ``options``).
         layer: the framework's name of the layer (``"layer4.1"``, ``"Block_3/Conv_0"``), the layer object, or a
             list of them (fused, from one forward pass); ``None`` picks the last layer that outputs a feature map.
         targets: ``None`` (top class per sample), an int, a list of one int per sample, or a callable
@@ -78,7 +80,7 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             gradient-free method ran (``"path"``, ``"reason"``, ``"masked_forwards"``).
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
-        model's channel layout.
+        model's channel layout; ``{method: maps}`` for a list of methods.
     """
     # two statements: traced inside a tf.function, AutoGraph misreads the chained ``Explainer(...)(...)`` call
     explainer = Explainer(model, method=method, layer=layer, normalize=normalize, upsample=upsample, **options)
@@ -101,18 +103,24 @@ class Explainer:
                  **options):
         from camcore.backends import adapter_for  # import here: camcore itself imports no framework
 
-        spec = get_method(method)
-        allowed = {**_COMMON, **spec.hyper}
+        self._several = isinstance(method, (list, tuple))
+        specs = [get_method(m) for m in (method if self._several else [method])]
+        if not specs:
+            raise ValueError("method: expected a method name or a non-empty list of them, got an empty list")
+        allowed = {**_COMMON, **{k: v for spec in specs for k, v in spec.hyper.items()}}
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise TypeError(f"explain: unknown option(s) {', '.join(map(repr, unknown))} for method {spec.name!r}; "
+            which = ", ".join(repr(spec.name) for spec in specs)
+            raise TypeError(f"explain: unknown option(s) {', '.join(map(repr, unknown))} for method {which}; "
                             f"expected any of {', '.join(sorted(allowed))}")
         opts = {**allowed, **options}
-        if opts["counterfactual"] and not spec.counterfactual:
-            raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
-                             f"use a gradient method such as 'gradcam'")
-        self.model, self.method, self.normalize, self.upsample = model, spec, normalize, upsample
-        self._hyper = spec.check({k: opts[k] for k in spec.hyper}, reshape=opts["reshape"])
+        for spec in specs:
+            if opts["counterfactual"] and not spec.counterfactual:
+                raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
+                                 f"use a gradient method such as 'gradcam'")
+        self.model, self.methods, self.normalize, self.upsample = model, specs, normalize, upsample
+        self.method = specs[0]
+        self._hyper = [spec.check({k: opts[k] for k in spec.hyper}, reshape=opts["reshape"]) for spec in specs]
         self._opts = opts
         self._adapter = adapter_for(model, model_mode=opts["model_mode"], data_format=opts["data_format"])
         # only a list means several layers: a tuple can be one layer's path (Flax)
@@ -136,9 +144,10 @@ class Explainer:
             if self._layers is None:
                 self._layers = [adapter.default_layer(x)]
                 self._names = [adapter.resolve_layer(self._layers[0])[0]]
-            cap = adapter.capture(x, self._layers, targets, gradients=self.method.needs_grads)
+            grads = any(spec.needs_grads for spec in self.methods)
+            cap = adapter.capture(x, self._layers, targets, gradients=grads)
             reshape: Callable | None = opts["reshape"]
-            cams = []
+            cams: list[list] = [[] for _ in self.methods]  # per method, per layer
             for k, (name, a, g) in enumerate(zip(self._names, cap.acts, cap.grads)):
                 a = float32(reshape(a) if reshape else a)
                 g = None if g is None else float32(reshape(g) if reshape else g)
@@ -149,9 +158,12 @@ class Explainer:
                 ctx = Context(name, a, g, cap.outputs, cap.targets, adapter, cap, k,
                               counterfactual=opts["counterfactual"], eigen_smooth=opts["eigen_smooth"],
                               info=opts["info"] if info is None else info)
-                cams.append(maps.relu(self.method(ctx, **self._hyper)))
-            out = maps.fuse(cams, _output_size(adapter.spatial_shape(x), cams, self.upsample))
-            return adapter.to_native(maps.normalize(out) if self.normalize else out, inputs)
+                for j, (spec, hyper) in enumerate(zip(self.methods, self._hyper)):
+                    cams[j].append(maps.relu(spec(ctx, **hyper)))
+            size = _output_size(adapter.spatial_shape(x), cams[0], self.upsample)
+            out = [maps.fuse(c, size) for c in cams]
+            out = [adapter.to_native(maps.normalize(o) if self.normalize else o, inputs) for o in out]
+            return dict(zip((spec.name for spec in self.methods), out)) if self._several else out[0]
 
     def close(self) -> None:
         """Release the adapter and what it compiled; later calls raise."""

@@ -66,12 +66,14 @@ def _channels_last(x):
     return np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1))
 
 
-def explain_on(port: Port, photos, *, layer, **kwargs) -> np.ndarray:
-    """``camcore.explain`` on one port; ``layer`` is the PyTorch name (or a list of them). NumPy ``(B, H, W)``."""
+def explain_on(port: Port, photos, *, layer, **kwargs):
+    """``camcore.explain`` on one port; ``layer`` is the PyTorch name (or a list of them). NumPy ``(B, H, W)``, or
+    ``{method: maps}`` for a list of methods."""
     import camcore
 
     layers = [port.layer(n) for n in layer] if isinstance(layer, (list, tuple)) else port.layer(layer)
-    return np.asarray(camcore.explain(port.model, port.inputs(photos), layer=layers, **kwargs))
+    got = camcore.explain(port.model, port.inputs(photos), layer=layers, **kwargs)
+    return {k: np.asarray(v) for k, v in got.items()} if isinstance(got, dict) else np.asarray(got)
 
 
 def explain_everywhere(ports, photos, *, infos: dict | None = None, **kwargs) -> dict[str, np.ndarray]:

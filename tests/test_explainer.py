@@ -135,3 +135,29 @@ def test_threads_sharing_a_keras_model_leave_its_layers_unpatched():
     _threads(call)
     assert "call" not in case.model.get_layer("relu1").__dict__
     np.testing.assert_allclose(np.asarray(case.model(case.x, training=False)).shape, (2, 10))
+
+
+# -------------------------------------------------------------------------------- several methods
+def test_a_list_of_methods_shares_one_capture_and_equals_each_alone(effnet, photo_batch):
+    """``method=[...]``: a dict of maps from one forward and backward pass (the model runs once), each equal to
+    its method alone; each method takes its own options."""
+    x = photo_batch[:2]
+    methods = ["gradcam", "gradcam++", "eigencam", "ablationcam"]
+    calls = []
+    handle = effnet.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        got = camcore.explain(effnet, x, method=methods, layer="_conv_head", targets=[281, 967], eps=1e-7,
+                              progress=False)
+    finally:
+        handle.remove()
+    assert calls == [2] and list(got) == methods  # one capture pass; Ablation-CAM's tail does not call the model
+    for method in methods:
+        opts = {"eps": 1e-7} if method == "gradcam++" else {"progress": False} if method == "ablationcam" else {}
+        alone = camcore.explain(effnet, x, method=method, layer="_conv_head", targets=[281, 967], **opts)
+        torch.testing.assert_close(got[method], alone, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'top_k' for method 'gradcam', 'eigencam'"):
+        camcore.explain(effnet, x, method=["gradcam", "eigencam"], top_k=3)
+    with pytest.raises(ValueError, match=r"counterfactual: 'eigencam' uses no gradient"):
+        camcore.explain(effnet, x, method=["gradcam", "eigencam"], counterfactual=True)
+    with pytest.raises(ValueError, match=r"method: expected a method name or a non-empty list"):
+        camcore.Explainer(effnet, method=[])
