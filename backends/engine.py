@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from camcore._xp import array_namespace, float32
+from camcore.explain import model_lock
 from camcore.perturbation import Chunker
 from camcore.targets import check_targets, class_indices, class_scores, target_scores
 
@@ -119,6 +120,14 @@ class Engine:
             self.compile = False
         self._failed: dict = {}  # why the fast path failed, per (layer name or None, its calls)
 
+    def session(self, x):
+        """The model's lock (one per model object, re-entrant: calls on one model from several threads or adapters
+        never interleave) and the backend's session for one call."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(model_lock(self.model))
+        stack.enter_context(self._session(x))
+        return stack
+
     # ----------------------------------------------------------------------------------------- inputs
     def check_inputs(self, inputs):
         """The inputs as the framework's array; ``TypeError``/``ValueError`` naming ``inputs``."""
@@ -140,7 +149,7 @@ class Engine:
         """The last layer (in the order calls finish: a container after its children) whose output is a
         feature map: the inputs' rank and more than one spatial position. Costs one pass (JAX: abstract)."""
         x = self.check_inputs(inputs)
-        with self._session(x):
+        with self.session(x):
             maps = [n for n, s in self._trace(x) if len(s) == len(x.shape) and math.prod(s[2:]) > 1]
         if not maps:
             raise ValueError("layer: no layer of the model outputs a feature map of the inputs' rank; name the "
@@ -153,7 +162,7 @@ class Engine:
         x = self.check_inputs(inputs)
         named = [self.resolve_layer(layer) for layer in layers]
         targets = check_targets(targets, x.shape[0])
-        with self._session(x):
+        with self.session(x):
             outputs, native, grads, calls = self._capture(x, named, targets, gradients, what)
         rank = len(x.shape)
         return Capture(x, outputs, named, native, [self._to_core(a, rank) for a in native],
@@ -216,7 +225,7 @@ class Engine:
         move = self._last(x) and (at is None or self.acts_last and len(cap.native[at].shape) == rank)
         what = "the masked model" if name is None else f"only the layers after {name!r}"
         rows = []
-        with self._session(x):
+        with self.session(x):
             fast, eager = self._fast(key, name, handle, calls, cap, at, what, info), None
             for i, (count, make) in enumerate(plans):
                 xi, ai = x[i : i + 1], None if at is None else cap.native[at][i : i + 1]
