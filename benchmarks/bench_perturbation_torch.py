@@ -100,27 +100,36 @@ def main(argv=None) -> None:
     parser.add_argument("--photos", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated parts of runner names, e.g. 'ablation'")
     add_child_arguments(parser, warmup=0)
     args = parser.parse_args(argv)
     photos = args.batch or args.photos
+    def only(runners):
+        parts = [p for p in args.only.split(",") if p]
+        return {k: v for k, v in runners.items() if not parts or any(p in k for p in parts)}
+
     if args._memory or args._fresh:
-        runners = make_runners(*setup(photos), args.batch_size)[0]
+        runners = only(make_runners(*setup(photos), args.batch_size)[0])
         memory_child(runners, args.repeats, args.warmup) if args._memory else fresh_child(runners, args._fresh)
         return
 
     model, x = setup(photos)
     runners, results, infos = make_runners(model, x, args.batch_size)
+    runners = only(runners)
     with torch.no_grad():
         model(x)  # warm-up
     times, _, _ = measure(runners, args.repeats, None)
     print(f"EfficientNet-Lite0, {photos} photo(s) {tuple(x.shape)}, layer {LAYER!r} (1280 channels), batch_size "
           f"{args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for key in ("camcore ablation", "camcore score", "camcore score _swish"):
-        print(f"  {key}: {infos[key]}")
-    pg = results["pgc ablation"]
-    print(f"  max |camcore - pgc| ablation maps: {np.abs(results['camcore ablation'].numpy() - pg).max():.3g} "
-          f"(pgc ablates with min(A) - 1e7 where min(A) != 0 and resizes with cv2; see tests for the parity)")
-    mems, _, how = cpu_memory(__file__, list(runners), photos, 1, 0, extra=["--batch-size", str(args.batch_size)])
+        if key in infos:
+            print(f"  {key}: {infos[key]}")
+    if "pgc ablation" in results and "camcore ablation" in results:
+        pg = results["pgc ablation"]
+        print(f"  max |camcore - pgc| ablation maps: {np.abs(results['camcore ablation'].numpy() - pg).max():.3g} "
+              f"(pgc ablates with min(A) - 1e7 where min(A) != 0 and resizes with cv2; see tests for the parity)")
+    mems, _, how = cpu_memory(__file__, list(runners), photos, 1, 0,
+                              extra=["--batch-size", str(args.batch_size), "--only", args.only])
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: statistics.median(v) for k, v in mems.items()}
     print(f"  peak memory: {how}")
@@ -128,6 +137,8 @@ def main(argv=None) -> None:
         print(f"  {k:22s} {med[k]:8.2f} s   peak {peak[k]:8.1f} MiB   samples {[round(t, 2) for t in times[k]]}")
 
     def ratio(a, b, target, op):
+        if a not in med or b not in med:
+            return
         r = med[a] / med[b]
         ok = r <= target if op == "<=" else r >= target
         print(f"  {a} / {b}: time {r:.4f} (target {op} {target}: {'met' if ok else 'MISSED'}), "
