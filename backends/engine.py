@@ -75,8 +75,8 @@ class Backend(Protocol):
 
     def _core_outputs(self, tree): ...
 
-    def _verify(self, fast, cap, at) -> None:
-        """Raise when the fast path does not reproduce ``cap.outputs`` (default: trusted)."""
+    def _verify(self, fast, cap, at, x0) -> None:
+        """Raise when the fast path on sample ``x0`` does not reproduce ``cap.outputs`` (default: trusted)."""
 
     def concrete(self, a) -> bool: ...
 
@@ -210,7 +210,7 @@ class Engine:
 
     def score_masked(self, cap: Capture, plans, *, at: int | None = None, classes, probability: bool = False,
                      chunker: Chunker | None = None, progress=None, info: dict | None = None) -> list:
-        """Per sample ``i``, the ``(count_i,)`` float32 target scores (``None`` for ``count_i = 0``) of its masked copies, where
+        """Per sample ``i``, the ``(count_i,)`` float32 target scores of its masked copies (``None`` for none), where
         ``plans[i] = (count_i, make_i)`` and ``make_i(start, stop)`` gives core masks ``(stop - start, *shape)``
         for the inputs (``at=None``) or for captured layer ``at`` (its index in ``cap.named``). ``classes``: from
         :meth:`classes`; ``chunker``: the chunk sizes (default 32); ``progress(n)`` after each chunk; ``info``
@@ -225,10 +225,11 @@ class Engine:
         move = self._last(x) and (at is None or self.acts_last and len(cap.native[at].shape) == rank)
         what = "the masked model" if name is None else f"only the layers after {name!r}"
         rows = []
+        xs = [x[i : i + 1] for i in range(len(plans))]  # one object per sample: a tail keeps its prefix by it
         with self.session(x):
-            fast, eager = self._fast(key, name, handle, calls, cap, at, what, info), None
+            fast, eager = self._fast(key, name, handle, calls, cap, at, xs, what, info), None
             for i, (count, make) in enumerate(plans):
-                xi, ai = x[i : i + 1], None if at is None else cap.native[at][i : i + 1]
+                xi, ai = xs[i], None if at is None else cap.native[at][i : i + 1]
                 got = []
                 for start, stop in chunker.split(count):
                     core, m = make(start, stop), stop - start
@@ -253,7 +254,7 @@ class Engine:
         info["path"] = self.fast_path if at is not None and fast is not None else "full"
         return rows
 
-    def _fast(self, key, name, handle, calls, cap, at, what, info):
+    def _fast(self, key, name, handle, calls, cap, at, xs, what, info):
         """The backend's fast path for these masks, checked (:meth:`_verify`), or ``None``: off, none, or failed
         (now or before: remembered per key, and warned about at each call)."""
         if not self.compile:
@@ -263,16 +264,16 @@ class Engine:
             return None
         try:
             fast = self._masked(name, handle, calls, fast=True)
-            if fast is not None:
-                self._verify(fast, cap, at)
+            if fast is not None and xs:
+                self._verify(fast, cap, at, xs[0])
             return fast
         except Exception as err:  # any failure of tracing or batching: the eager passes are always right
             self._failed[key] = self._reason(err)
             fell_back(info, self.fast_text.format(what), self._failed[key], stacklevel=4)
             return None
 
-    def _verify(self, fast, cap: Capture, at) -> None:
-        """Raise when ``fast`` does not reproduce the captured outputs (a backend whose fast path is not exact by
+    def _verify(self, fast, cap: Capture, at, x0) -> None:
+        """Raise when ``fast`` on the first sample ``x0`` does not reproduce the captured outputs (a backend whose fast path is not exact by
         construction checks it here; the others trust it)."""
 
     def _pick(self, out, classes, i: int, m: int, probability: bool):

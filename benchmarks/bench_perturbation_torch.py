@@ -56,11 +56,12 @@ def make_runners(model, x, batch_size: int):
     tc_score = TorchCamScoreCAM(tc_model, LAYER, batch_size=batch_size, input_shape=tuple(x.shape[1:]))
     chunk = x[:1].expand(batch_size, *x.shape[1:]).contiguous()
 
-    def camcore_run(method, layer, key):
+    def camcore_run(method, layer, key):  # one persistent Explainer, as the peers' CAM objects are persistent
+        explainer = camcore.Explainer(model, method=method, layer=layer, batch_size=batch_size, progress=False)
+
         def run():
             info = {}
-            results[key] = camcore.explain(model, x, method=method, layer=layer, batch_size=batch_size,
-                                           progress=False, info=info)
+            results[key] = explainer(x, info=info)
             infos[key] = info
         return run
 

@@ -212,9 +212,9 @@ def _scatter(xp, rows, chosen, c, like, weighting):
 
 def ablation_weights(engine, cap, k: int, a, host, y, classes, *, batch_size=None, progress=None, info=None):
     """``(B, C)`` Ablation-CAM weights ``(y - y_k) / y`` of the ``k``-th captured layer of ``cap``, whose
-    activations are ``a`` (``(B, C, *s)``, ``host`` their NumPy copy), from one :meth:`~camcore.backends.engine.Engine.score_masked` call
-    with channel masks at the layer; ``y``: the ``(B,)`` unmasked target scores; ``classes`` as in
-    :func:`score_weights`. ``batch_size=None``: 32 ablations per pass."""
+    activations are ``a`` (``(B, C, *s)``, ``host`` their NumPy copy), from one
+    :meth:`~camcore.backends.engine.Engine.score_masked` call with channel masks at the layer; ``y``: the ``(B,)``
+    unmasked target scores; ``classes`` as in :func:`score_weights`. ``batch_size=None``: 32 ablations per pass."""
     xp = array_namespace(a)
     b, c = a.shape[:2]
     yh = np.asarray(to_host(y), dtype=np.float64)
