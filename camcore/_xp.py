@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import array_namespace, device
 
-__all__ = ["array_namespace", "device", "spatial_axes", "expand_to", "float32", "to_host"]
+__all__ = ["array_namespace", "device", "spatial_axes", "expand_to", "float32", "to_host", "concrete"]
 
 
 def spatial_axes(a) -> tuple[int, ...]:
@@ -35,3 +35,11 @@ def to_host(a) -> np.ndarray:
     if hasattr(a, "detach"):  # torch
         a = a.detach().cpu()
     return np.asarray(a)
+
+
+def concrete(a) -> bool:
+    """Whether ``a`` holds values that Python can read: false for a JAX tracer (under ``jax.jit``, ``vmap``),
+    told by its type without importing JAX; false for a tensor on PyTorch's data-less ``meta`` device."""
+    if getattr(a, "is_meta", False):
+        return False
+    return not any(cls.__name__.endswith("Tracer") and cls.__module__.startswith("jax") for cls in type(a).__mro__)

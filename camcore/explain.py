@@ -13,8 +13,10 @@ import threading
 import weakref
 from collections.abc import Callable
 
+import numpy as np
+
 from . import maps
-from ._xp import array_namespace, float32
+from ._xp import array_namespace, float32, to_host
 from .methods import Context, get_method
 
 __all__ = ["explain", "Explainer"]
@@ -114,6 +116,8 @@ class Explainer:
             raise TypeError(f"explain: unknown option(s) {', '.join(map(repr, unknown))} for method {which}; "
                             f"expected any of {', '.join(sorted(allowed))}")
         opts = {**allowed, **options}
+        _check_common({"counterfactual": opts["counterfactual"], "eigen_smooth": opts["eigen_smooth"],
+                       "normalize": normalize, "upsample": upsample}, opts["info"], opts["reshape"])
         for spec in specs:
             if opts["counterfactual"] and not spec.counterfactual:
                 raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
@@ -139,6 +143,7 @@ class Explainer:
     def __call__(self, inputs, targets=None, *, info: dict | None = None):
         """Maps ``(B, *S)`` of ``inputs`` for ``targets`` (as :func:`explain`); ``info`` overrides the option."""
         adapter, opts = self.adapter, self._opts
+        _check_common({}, info, None)
         with model_lock(self.model):
             x = adapter.check_inputs(inputs)
             if self._layers is None:
@@ -146,6 +151,8 @@ class Explainer:
                 self._names = [adapter.resolve_layer(self._layers[0])[0]]
             grads = any(spec.needs_grads for spec in self.methods)
             cap = adapter.capture(x, self._layers, targets, gradients=grads)
+            if isinstance(cap.targets, list):  # class indices: range-checked against the outputs, for every method
+                adapter.classes(cap)
             reshape: Callable | None = opts["reshape"]
             cams: list[list] = [[] for _ in self.methods]  # per method, per layer
             for k, (name, a, g) in enumerate(zip(self._names, cap.acts, cap.grads)):
@@ -157,11 +164,14 @@ class Explainer:
                     g = -g
                 ctx = Context(name, a, g, cap.outputs, cap.targets, adapter, cap, k,
                               counterfactual=opts["counterfactual"], eigen_smooth=opts["eigen_smooth"],
-                              info=opts["info"] if info is None else info)
+                              info=opts["info"] if info is None else info, scale_free=self.normalize)
                 for j, (spec, hyper) in enumerate(zip(self.methods, self._hyper)):
                     cams[j].append(maps.relu(spec(ctx, **hyper)))
             size = _output_size(adapter.spatial_shape(x), cams[0], self.upsample)
             out = [maps.fuse(c, size) for c in cams]
+            for spec, o in zip(self.methods, out):
+                if adapter.concrete(o):
+                    _check_map(spec.name, o)
             out = [adapter.to_native(maps.normalize(o) if self.normalize else o, inputs) for o in out]
             return dict(zip((spec.name for spec in self.methods), out)) if self._several else out[0]
 
@@ -175,6 +185,30 @@ class Explainer:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def _check_common(flags: dict, info, reshape) -> None:
+    """``TypeError`` naming an option of the wrong type: the flags must be ``True`` or ``False`` (a string such as
+    ``"no"`` is not a flag), ``info`` ``None`` or a dict to fill, ``reshape`` ``None`` or a callable."""
+    for key, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{key}: expected True or False, got {value!r}")
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"info: expected None or a dict for camcore to fill, got {type(info).__name__}")
+    if reshape is not None and not callable(reshape):
+        raise TypeError(f"reshape: expected None or a callable f(a) -> (B, C, *S), such as camcore.tokens_to_grid; "
+                        f"got {type(reshape).__name__}")
+
+
+def _check_map(method: str, cam) -> None:
+    """``ValueError`` naming the samples whose raw map is not finite: beyond float32's range (only the raw maps
+    of ``normalize=False`` carry their scale; normalised ones are computed scale-free)."""
+    xp = array_namespace(cam)
+    bad = ~xp.all(xp.isfinite(cam), axis=tuple(range(1, cam.ndim)))
+    if bool(xp.any(bad)):
+        samples = [i for i, v in enumerate(to_host(bad).tolist()) if v]
+        raise ValueError(f"{method}: the raw map of sample(s) {samples} overflows float32 (weights times "
+                         f"activations beyond 3.4e38); pass normalize=True, which computes the maps scale-free")
 
 
 def _check_layer_arrays(name, a, g):

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._xp import array_namespace, device, expand_to
+from ._xp import array_namespace, concrete as _concrete, device, expand_to
 
-__all__ = ["weigh", "channel_sum", "principal_component", "relu", "normalize", "upsample", "fuse"]
+__all__ = ["weigh", "channel_sum", "unit_scale", "principal_component", "relu", "normalize", "upsample", "fuse"]
 
 
 def weigh(weights, activations, /):
@@ -43,14 +43,31 @@ def principal_component(weighted, /, *, orient=None):
     b, c, *s = weighted.shape
     n = int(np.prod(s))
     points = xp.permute_dims(xp.reshape(weighted, (b, c, n)), (0, 2, 1))  # (B, N, C)
-    reference = xp.sum(points * points, axis=2) if orient is None else xp.reshape(orient, (b, n))  # (B, N)
+    # centring, the SVD and the energy overflow near float32's maximum otherwise
+    points, scale = unit_scale(points, "eigen: the weighted activations")
+    reference = xp.sum(points * points, axis=2) if orient is None else \
+        unit_scale(xp.reshape(orient, (b, n)), "eigen: the orientation map")[0]
     points = points - xp.mean(points, axis=1, keepdims=True)
     _, _, vh = xp.linalg.svd(points, full_matrices=False)
     v1 = vh[:, 0, :]  # (B, C)
     proj = xp.sum(points * v1[:, None, :], axis=2)  # (B, N), zero-mean over N
     agreement = xp.sum(proj * reference, axis=1)  # N times the covariance with the reference (proj has mean 0)
     sign = xp.where(agreement < 0, -xp.ones_like(agreement), xp.ones_like(agreement))
-    return xp.reshape(proj * sign[:, None], (b, *s))
+    return xp.reshape(proj * (sign[:, None] * scale[:, :, 0]), (b, *s))
+
+
+def unit_scale(x, what: str = "the array", /):
+    """``(x / m, m)``, ``m`` each sample's largest ``|x|`` (1 where that is 0), keeping the sample axes: the
+    scale-free part of a computation then runs on values in ``[-1, 1]`` and cannot overflow. Non-finite values
+    raise ``ValueError`` starting with ``what`` (an SVD never returns on them) where they can be read (not
+    under ``jax.jit``)."""
+    xp = array_namespace(x)
+    axes = tuple(range(1, x.ndim))
+    m = xp.max(xp.abs(x), axis=axes, keepdims=True)
+    if _concrete(m) and not bool(xp.all(xp.isfinite(m))):
+        raise ValueError(f"{what} contain NaN or inf (an overflow upstream, or non-finite weights)")
+    m = xp.where(m > 0, m, xp.ones_like(m))
+    return x / m, m
 
 
 def relu(cam, /):
@@ -84,6 +101,8 @@ def upsample(cam, size: Sequence[int], /):
     """Separable linear interpolation of ``(B, *S)`` maps to ``(B, *size)`` for any number of spatial dims
     (bilinear for images, trilinear for volumes), half-pixel centres. Identity where sizes already match."""
     xp = array_namespace(cam)
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1 for v in size):
+        raise ValueError(f"upsample: size must be positive ints, got {tuple(size)}")
     size = tuple(int(v) for v in size)
     if len(size) != cam.ndim - 1:
         raise ValueError(f"upsample: size must have {cam.ndim - 1} entries for maps of shape "

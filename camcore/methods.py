@@ -21,7 +21,7 @@ import numpy as np
 from . import maps
 from . import perturbation as P
 from . import weights as W
-from ._xp import array_namespace, float32, spatial_axes, to_host
+from ._xp import array_namespace, expand_to, float32, spatial_axes, to_host
 from .targets import class_indices, target_scores
 
 __all__ = ["Context", "Method", "GradientMethod", "CAM", "EigenCAM", "ScoreCAM", "SSCAM", "ISCAM", "AblationCAM",
@@ -39,7 +39,8 @@ class Context:
         ``adapter``: the backend's engine (:class:`camcore.backends.engine.Engine`), whose services
         (``score_masked``, ``linear_classifier``) methods that run the model again use, with ``capture`` (the
         engine's capture pass) and ``index`` (this layer's place in it).
-        ``counterfactual``, ``eigen_smooth``, ``info`` (a dict to report how a masked method ran, or ``None``).
+        ``counterfactual``, ``eigen_smooth``, ``info`` (a dict to report how a masked method ran, or ``None``);
+        ``scale_free``: the map may come up to a positive factor per sample (it will be normalised).
     """
 
     layer: str
@@ -53,6 +54,7 @@ class Context:
     counterfactual: bool = False
     eigen_smooth: bool = False
     info: dict | None = None
+    scale_free: bool = False
 
     @cached_property
     def classes(self):
@@ -92,12 +94,20 @@ class Method:
 
     def __call__(self, ctx: Context, **hyper):
         """The map ``(B, *S)`` before its ReLU: ``sum_k w_k A_k``, or the oriented principal component of
-        ``w * A`` for ``eigen`` methods and ``eigen_smooth``."""
+        ``w * A`` for ``eigen`` methods and ``eigen_smooth``. Range-safe: ``w`` and ``A`` are divided by their
+        per-sample largest magnitudes first and the product of the two scales multiplies the map at the end,
+        or not at all for ``ctx.scale_free`` (the caller normalises the map, which is scale-free)."""
         w = self.weights(ctx, **hyper)
-        weighted = maps.weigh(w, ctx.activations)
+        a, scale = maps.unit_scale(ctx.activations, f"{self.name}: the activations of {ctx.layer!r}")
+        if w is not None:
+            w, sw = maps.unit_scale(w, f"{self.name}: the channel weights at {ctx.layer!r}")
+            scale = _flat(scale) * _flat(sw)
+        weighted = maps.weigh(w, a)
         if self.eigen or ctx.eigen_smooth:
-            return maps.principal_component(weighted, orient=self.orient(ctx, w, weighted))
-        return maps.channel_sum(weighted)
+            cam = maps.principal_component(weighted, orient=self.orient(ctx, w, weighted))
+        else:
+            cam = maps.channel_sum(weighted)
+        return cam if ctx.scale_free else cam * expand_to(_flat(scale), cam.ndim)
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,12 @@ class GradientMethod(Method):
     """Weights from a formula of :mod:`camcore.weights`: ``formula(A, G, **hyper)``."""
 
     formula: Callable = None
+
+    def check(self, hyper, *, reshape=None):
+        eps = hyper.get("eps", 0.0)
+        if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps: expected a finite float >= 0 (added to the formula's denominator), got {eps!r}")
+        return {k: float(v) if k == "eps" else v for k, v in hyper.items()}
 
     def weights(self, ctx, **hyper):
         return self.formula(ctx.activations, ctx.grads, **hyper)
@@ -114,8 +130,9 @@ class GradientMethod(Method):
 class EigenGradCAM(GradientMethod):
     """The principal component of ``G * A``, oriented by Grad-CAM's map ``sum_k mean(G_k) A_k``."""
 
-    def orient(self, ctx, w, weighted):
-        return maps.channel_sum(maps.weigh(W.gradcam(ctx.activations, ctx.grads), ctx.activations))
+    def orient(self, ctx, w, weighted):  # only its sign matters: computed scale-free
+        a = maps.unit_scale(ctx.activations)[0]
+        return maps.channel_sum(maps.weigh(W.gradcam(a, maps.unit_scale(ctx.grads)[0]), a))
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,12 @@ class CAM(Method):
     def weights(self, ctx, *, classifier=None, cam_weights=None):
         w = _cam_weights(ctx, classifier, cam_weights)
         return -w if ctx.counterfactual else w
+
+
+def _flat(scale):
+    """A per-sample scale ``(B, 1, ...)`` as ``(B,)``."""
+    xp = array_namespace(scale)
+    return xp.reshape(scale, (scale.shape[0],))
 
 
 def _cam_weights(ctx, classifier, cam_weights):

@@ -8,7 +8,8 @@ an array of the inputs' namespace and device.
 """
 from __future__ import annotations
 
-from ._xp import array_namespace, expand_to, spatial_axes
+from ._xp import array_namespace, concrete, expand_to, spatial_axes, to_host
+from .maps import unit_scale
 
 __all__ = [
     "cam",
@@ -39,6 +40,11 @@ def cam(class_weights, target_index, /):
     Returns: ``(B, C)``.
     """
     xp = array_namespace(class_weights, target_index)
+    k = class_weights.shape[0]
+    if concrete(target_index) and target_index.shape[0] and not bool(
+            xp.all((target_index >= 0) & (target_index < k))):
+        raise ValueError(f"target_index: expected class indices in [0, {k}) for {k} classifier rows, got "
+                         f"{to_host(target_index).tolist()}")
     return xp.take(class_weights, target_index, axis=0)
 
 
@@ -84,7 +90,9 @@ def xgradcam(activations, grads, /, *, eps: float = 0.0):
     """
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
-    return _safe_div(xp.sum(grads * activations, axis=axes), xp.sum(activations, axis=axes), eps)
+    g, scale = unit_scale(grads, "xgradcam: the gradients")  # linear in G: G * A cannot overflow on unit G
+    w = _safe_div(xp.sum(g * activations, axis=axes), xp.sum(activations, axis=axes), eps)
+    return w * xp.reshape(scale, (scale.shape[0], 1))
 
 
 def hirescam(activations, grads, /):

@@ -445,6 +445,24 @@ def test_principal_component_oracle_relu_acts(to_xp, ag):
     _check_eigen(back(M.principal_component(to_xp(a))), a)
 
 
+def test_principal_component_near_float32_max_is_finite_and_exact(to_xp):
+    """Issue 13: finite activations near float32's maximum (2.25e38) once overflowed in the centring, and the SVD
+    on inf never returned (Keras, Flax) or raised LinAlgError (torch). The component is scale-free: computed on
+    unit-scaled points, it equals the float64 oracle's projection of the same points (scaled back)."""
+    w = np.zeros((1, 3, 9), "float32")
+    w[0, 0, 4] = w[0, 0, 8] = w[0, 1, 0] = 2.25e38
+    w[0, 1, 4] = -1.68e38
+    got = back(M.principal_component(to_xp(w)))
+    assert np.isfinite(got).all()
+    projs, _, _ = o_eigen(w.astype(np.float64) / 2.25e38)
+    want = projs[0] * 2.25e38
+    err = min(np.abs(got[0] - want).max(), np.abs(got[0] + want).max())
+    assert err <= 1e-5 * np.abs(want).max()
+    w[0, 2, 2] = np.inf
+    with pytest.raises(ValueError, match=r"eigen: the weighted activations contain NaN or inf"):
+        M.principal_component(to_xp(w))
+
+
 def test_principal_component_sign_is_fixed_by_energy(to_xp):
     """A rank-1 map ``d * pattern``: the projection on the unit direction is ``|d| * (pattern - mean)``, up to
     sign; the sign is the one whose covariance with the energy ``|d|^2 pattern^2`` is positive. The energy is the

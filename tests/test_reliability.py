@@ -1,0 +1,129 @@
+"""Issue 13's cases, each with the fix at its depth (the core or the engine): numerical extremes and bad options
+get a finite map or a clear error naming the argument. (The thread stress tests live in test_explainer.py.)"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import camcore
+from camcore import maps as M
+from camcore import weights as W
+
+
+def small(k=5):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, k)).eval()
+
+
+def images(b=2):
+    return torch.randn(b, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("key,value", [("counterfactual", "no"), ("eigen_smooth", 1), ("normalize", "yes"),
+                                       ("upsample", None)])
+def test_flags_must_be_bools(key, value):
+    """``counterfactual="no"`` was taken as True."""
+    with pytest.raises(TypeError, match=rf"{key}: expected True or False, got {value!r}"):
+        camcore.explain(small(), images(), method="gradcam", layer="0", **{key: value})
+
+
+@pytest.mark.parametrize("value", [-1e-7, float("nan"), float("inf"), "a", None, True])
+def test_eps_must_be_a_finite_float_at_least_zero(value):
+    with pytest.raises(ValueError, match=r"eps: expected a finite float >= 0"):
+        camcore.Explainer(small(), method="gradcam++", eps=value)
+
+
+@pytest.mark.parametrize("info", [[], "x"])
+def test_info_must_be_a_dict(info):
+    with pytest.raises(TypeError, match=r"info: expected None or a dict for camcore to fill"):
+        camcore.explain(small(), images(), method="scorecam", layer="0", info=info)
+    with pytest.raises(TypeError, match=r"info: expected None or a dict for camcore to fill"):
+        camcore.Explainer(small(), method="gradcam", layer="0")(images(), info=info)
+
+
+def test_reshape_must_be_callable():
+    with pytest.raises(TypeError, match=r"reshape: expected None or a callable"):
+        camcore.explain(small(), images(), method="gradcam", layer="0", reshape=123)
+
+
+@pytest.mark.parametrize("targets", [7, -1, [0, 5]])
+def test_every_method_range_checks_class_targets(targets):
+    """Eigen-CAM uses no target, but a class index the model does not have is still an error, as elsewhere."""
+    with pytest.raises(ValueError, match=r"targets: class index -?\d+ is out of range for a model with 5 outputs"):
+        camcore.explain(small(), images(), method="eigencam", layer="0", targets=targets)
+
+
+def test_upsample_to_a_non_positive_size():
+    """``upsample(m, (-1,))`` returned shape ``(1, 0)``; a zero size divided by zero."""
+    for size in [(-1,), (0,), (2.5,)]:
+        with pytest.raises(ValueError, match=r"upsample: size must be positive ints"):
+            M.upsample(np.ones((1, 4), np.float32), size)
+
+
+def test_cam_rows_are_range_checked():
+    """``weights.cam(W, [-1])`` returned the last row."""
+    wm = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(W.cam(wm, np.array([2, 0])), wm[[2, 0]])
+    for idx in ([-1], [3]):
+        with pytest.raises(ValueError, match=r"target_index: expected class indices in \[0, 3\)"):
+            W.cam(wm, np.array(idx))
+
+
+def test_eigencam_near_float32_max_through_explain():
+    """The issue's hang: Eigen-CAM of a layer whose finite activations reach 2.5e38 with both signs (centring and
+    the energy overflowed; the core's principal component is checked against its oracle in
+    test_core_oracles.py); here through explain, on the convolution's own output."""
+    model, x = small(), images()
+    with torch.no_grad():
+        scale = 2.5e38 / model[0](x).abs().max()
+        model[0].weight.mul_(scale)
+        model[0].bias.mul_(scale)
+        a = model[0](x)
+    assert torch.isfinite(a).all() and a.amax() > 1e38 and a.amin() < -1e38
+    maps = camcore.explain(model, x, method="eigencam", layer="0")
+    assert torch.isfinite(maps).all() and (maps.amax(dim=(1, 2)) == 1).all()
+
+
+def _saturable(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "xgradcam", "layercam", "gradcam-elementwise",
+                                    "eigengradcam", "eigencam"])
+def test_a_saturated_model_gives_the_maps_of_its_unscaled_twin(seed, method):
+    """The issue's saturated model: its convolution scaled by 1e20 and its classifier by 1e21. ReLU, pooling and
+    the linear layers are positive-homogeneous, so activations and gradients are the twin's times 1e20 and 1e21
+    and every method's normalised map is the twin's; ``w * A`` overflowed to inf before (HiResCAM and XGrad-CAM
+    gave NaN pixels, the others all-zero maps)."""
+    twin, model = _saturable(seed), _saturable(seed)
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.mul_(1e20)
+        for p in model[4].parameters():
+            p.mul_(1e21)
+    x = images()
+    want = camcore.explain(twin, x, method=method, layer="1", targets=[0, 1])
+    got = camcore.explain(model, x, method=method, layer="1", targets=[0, 1])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    try:  # the raw maps carry their scale: finite and proportional to the twin's, or a clear overflow error
+        raw = camcore.explain(model, x, method=method, layer="1", targets=[0, 1], normalize=False)
+    except ValueError as err:
+        assert re.match(rf"{method}: the raw map of sample\(s\) \[[\d, ]+\] overflows float32", str(err)), err
+    else:
+        assert torch.isfinite(raw).all()
+        torch.testing.assert_close(camcore.maps.normalize(raw), want, atol=1e-5, rtol=0)
+
+
+def test_non_finite_cam_weights_are_an_error():
+    """``cam_weights`` full of NaN gave an all-zero map."""
+    with pytest.raises(ValueError, match=r"cam: the channel weights at '1' contain NaN or inf"):
+        camcore.explain(small(), images(), method="cam", layer="1", targets=[0, 1],
+                        cam_weights=np.full((5, 4), np.nan, np.float32))
