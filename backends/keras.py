@@ -277,9 +277,10 @@ class KerasAdapter(Engine):
                 raise ValueError(f"{what}: {'layer ' if what == 'at' else ''}{missing[0]!r} did not run during the "
                              f"forward pass of the inputs")
             if gradients:
-                scores = target_scores(targets, outputs, x.shape[0])[0] if callable(targets) or \
-                    not tf.is_tensor(outputs) else \
-                    tf.gather(outputs, class_indices(targets, outputs.numpy()), axis=1, batch_dims=1)
+                if callable(targets) or not tf.is_tensor(outputs):
+                    scores = target_scores(targets, outputs, x.shape[0], differentiable=True)[0]
+                else:
+                    scores = tf.gather(outputs, class_indices(targets, outputs.numpy()), axis=1, batch_dims=1)
                 total = tf.reduce_sum(scores)
         acts = [captured[i] for i in range(len(named))]
         if not gradients:

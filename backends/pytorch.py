@@ -229,7 +229,7 @@ class TorchAdapter(Engine):
         if not gradients:
             return _detach(outputs), acts, [None] * len(acts), calls
         torch.set_grad_enabled(True)
-        scores, _ = target_scores(targets, outputs, x.shape[0])
+        scores, _ = target_scores(targets, outputs, x.shape[0], differentiable=True)
         if not scores.requires_grad:
             raise ValueError(f"layer: the target scores do not depend on layer {named[0][0]!r}")
         grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)

@@ -59,7 +59,7 @@ class Context:
     @cached_property
     def classes(self):
         """A callable target as it is, else one host int class index per sample."""
-        return self.targets if callable(self.targets) else to_host(class_indices(self.targets, self.outputs)).tolist()
+        return self.adapter.classes(self.capture)  # the engine's check: also of outputs that are not logits
 
 
 @dataclass(frozen=True)

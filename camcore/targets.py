@@ -75,11 +75,12 @@ def _default_int(xp):
     return xp.asarray(0).dtype
 
 
-def target_scores(targets, outputs, batch: int):
+def target_scores(targets, outputs, batch: int, *, differentiable: bool = False):
     """The per-sample scores ``y^c`` to explain, shape ``(B,)``, differentiable in the outputs' framework.
 
     ``targets`` comes from :func:`check_targets`. For class indices the score is the output (logit) of that
-    class; a callable is applied to the raw model outputs (any structure) and must return ``(B,)``.
+    class; a callable is applied to the raw model outputs (any structure) and must return ``(B,)`` (of the
+    outputs' framework when ``differentiable``: a gradient is taken through it).
     Returns ``(scores, indices)`` where ``indices`` is ``None`` for callable targets.
     """
     if callable(targets):
@@ -88,6 +89,11 @@ def target_scores(targets, outputs, batch: int):
         if shape != (batch,):
             raise ValueError(f"targets: the callable must return one score per sample, shape ({batch},); "
                              f"it returned {type(scores).__name__} of shape {shape}")
+        want, got = _framework(_first_leaf(outputs)), _framework(scores)
+        if differentiable and want != got:
+            raise TypeError(f"targets: the callable must return a {want} array computed from the outputs, so "
+                            f"that the gradient can flow through it; it returned {type(scores).__module__}."
+                            f"{type(scores).__name__} (compute the score with {want}'s operations, not NumPy's)")
         return scores, None
     if not hasattr(outputs, "ndim"):
         raise ValueError(f"targets: the model returned {type(outputs).__name__}, not one array of logits; "
@@ -113,3 +119,16 @@ def class_scores(outputs, index: int, *, probability: bool = False):
     xp = array_namespace(outputs)
     out = xp.astype(outputs, xp.float32)
     return (softmax(out) if probability else out)[:, index]
+
+
+def _first_leaf(tree):
+    """The first array of an output tree (tuples, lists, dicts)."""
+    while isinstance(tree, (list, tuple, dict)) and tree:
+        tree = next(iter(tree.values())) if isinstance(tree, dict) else tree[0]
+    return tree
+
+
+def _framework(a) -> str:
+    """The top-level package of an array's type (``jaxlib`` arrays are ``jax``'s)."""
+    root = type(a).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(root, root)

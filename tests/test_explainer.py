@@ -137,6 +137,63 @@ def test_threads_sharing_a_keras_model_leave_its_layers_unpatched():
     np.testing.assert_allclose(np.asarray(case.model(case.x, training=False)).shape, (2, 10))
 
 
+def test_threads_calling_one_torch_adapter_directly_leave_the_model_untouched():
+    """The engine takes the model's lock too: threads that share one adapter (no Explainer, no explain) and a model
+    in training mode with model_mode="as-is" get the single-threaded results, and the flags and batch-norm
+    buffers come back."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 3)).train()
+    from camcore.backends import adapter_for
+
+    ad = adapter_for(net)  # model_mode="eval": each call switches the model to eval and back
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    want = ad.activations_and_grads(x, ["2"], [0, 2])
+    masks = torch.rand(3, 6, 1, 1, generator=torch.Generator().manual_seed(3))
+    want_masked = ad.forward_masked(x, masks, at="2", targets=[0, 2])
+    snap = snapshot(net)
+
+    def call(k, j):
+        if (k + j) % 2:
+            _, acts, grads = ad.activations_and_grads(x, ["2"], [0, 2])
+            torch.testing.assert_close(acts[0], want[1][0], atol=0, rtol=0)
+            torch.testing.assert_close(grads[0], want[2][0], atol=1e-7, rtol=0)
+        else:
+            torch.testing.assert_close(ad.forward_masked(x, masks, at="2", targets=[0, 2]), want_masked, atol=1e-6,
+                                       rtol=0)
+
+    _threads(call, n=3)
+    assert_untouched(net, snap)
+    assert net.training and all(m.training for m in net.modules())
+
+
+def test_threads_sharing_a_flax_nnx_model_get_right_maps():
+    nnx = pytest.importorskip("flax.nnx")
+    import jax.numpy as jnp
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(6, rngs=rngs)
+            self.fc = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.bn(self.conv(x)))
+            return self.fc(jnp.mean(h, axis=(1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    before = jnp.asarray(model.bn.mean[...]).copy()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    want = np.asarray(camcore.explain(model, x, method="gradcam", layer="conv", targets=[0, 2]))
+
+    def call(k, j):
+        np.testing.assert_allclose(np.asarray(camcore.explain(model, x, method="gradcam", layer="conv",
+                                                              targets=[0, 2])), want, atol=1e-6)
+
+    _threads(call, calls=3)
+    np.testing.assert_array_equal(np.asarray(model.bn.mean[...]), np.asarray(before))
+
+
 # -------------------------------------------------------------------------------- several methods
 def test_a_list_of_methods_shares_one_capture_and_equals_each_alone(effnet, photo_batch):
     """``method=[...]``: a dict of maps from one forward and backward pass (the model runs once), each equal to

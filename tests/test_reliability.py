@@ -127,3 +127,34 @@ def test_non_finite_cam_weights_are_an_error():
     with pytest.raises(ValueError, match=r"cam: the channel weights at '1' contain NaN or inf"):
         camcore.explain(small(), images(), method="cam", layer="1", targets=[0, 1],
                         cam_weights=np.full((5, 4), np.nan, np.float32))
+
+
+def test_a_target_callable_returning_numpy_is_named():
+    """torch raised ``AttributeError: ... no attribute 'requires_grad'``; Keras said "does not influence the
+    target". A gradient method needs the score in the model's framework; a gradient-free one takes NumPy."""
+    model, x = small(), images()
+    with pytest.raises(TypeError, match=r"targets: the callable must return a torch array .* returned "
+                                        r"numpy.ndarray"):
+        camcore.explain(model, x, method="gradcam", layer="1", targets=lambda out: out[:, 0].detach().numpy())
+    ok = camcore.explain(model, x, method="scorecam", layer="1", progress=False,
+                         targets=lambda out: out[:, 0])
+    assert torch.isfinite(ok).all()
+
+
+def test_tuple_outputs_and_gradient_free_top_class_are_named():
+    """A model returning a tuple, a gradient-free method and ``targets=None``: ``TypeError: tuple is not a
+    supported array type`` before; now the message gradient methods give."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small()
+
+        def forward(self, x):
+            out = self.net(x)
+            return out, out
+
+    for method in ("scorecam", "ablationcam"):
+        with pytest.raises(ValueError, match=r"targets: the model returned tuple, not one array of logits; pass "
+                                             r"a callable"):
+            camcore.explain(Pair(), images(), method=method, layer="net.1", progress=False)
