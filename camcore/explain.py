@@ -171,7 +171,7 @@ class Explainer:
             out = [maps.fuse(c, size) for c in cams]
             for spec, o in zip(self.methods, out):
                 if adapter.concrete(o):
-                    _check_map(spec.name, o)
+                    _check_map(spec.name, o, raw=not self.normalize)
             out = [adapter.to_native(maps.normalize(o) if self.normalize else o, inputs) for o in out]
             return dict(zip((spec.name for spec in self.methods), out)) if self._several else out[0]
 
@@ -200,15 +200,18 @@ def _check_common(flags: dict, info, reshape) -> None:
                         f"got {type(reshape).__name__}")
 
 
-def _check_map(method: str, cam) -> None:
-    """``ValueError`` naming the samples whose raw map is not finite: beyond float32's range (only the raw maps
-    of ``normalize=False`` carry their scale; normalised ones are computed scale-free)."""
+def _check_map(method: str, cam, *, raw: bool) -> None:
+    """``ValueError`` naming the samples whose map is not finite. Only raw maps (``normalize=False``) carry their
+    scale, so only they can overflow float32; normalised ones are computed scale-free."""
     xp = array_namespace(cam)
     bad = ~xp.all(xp.isfinite(cam), axis=tuple(range(1, cam.ndim)))
     if bool(xp.any(bad)):
         samples = [i for i, v in enumerate(to_host(bad).tolist()) if v]
-        raise ValueError(f"{method}: the raw map of sample(s) {samples} overflows float32 (weights times "
-                         f"activations beyond 3.4e38); pass normalize=True, which computes the maps scale-free")
+        if raw:
+            raise ValueError(f"{method}: the raw map of sample(s) {samples} overflows float32 (weights times "
+                             f"activations beyond 3.4e38); pass normalize=True, which computes the maps scale-free")
+        raise ValueError(f"{method}: the map of sample(s) {samples} is not finite: the method's weights overflowed "
+                         f"(a saturated model?); try another method or layer")
 
 
 def _check_layer_arrays(name, a, g):
