@@ -197,7 +197,8 @@ def _cam_weights(ctx, classifier, cam_weights):
         pred = pred if bias is None else pred + float32(bias)
         ref = float32(logits)
         err = float(xp.max(xp.abs(pred - ref)))
-        if err > 1e-3 * (1.0 + float(xp.max(xp.abs(ref)))):
+        rel = max(1e-3, 8 * float(xp.finfo(logits.dtype).eps))  # a bfloat16 model's logits carry 8 bits
+        if err > rel * (1.0 + float(xp.max(xp.abs(ref)))):
             raise ValueError(f"layer: method='cam' needs the layer whose global average pooling feeds the "
                              f"classifier {cname!r} directly, but the outputs differ from {cname!r}(mean of "
                              f"{name!r}) by up to {err:.3g}; pick that layer, or pass cam_weights=")

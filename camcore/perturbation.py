@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from . import maps
-from ._xp import array_namespace, device, to_host
+from ._xp import array_namespace, device, float32, to_host
 
 __all__ = ["channel_masks", "distinct_channels", "top_variance_channels", "channel_softmax", "ablation_masks",
            "noisy_masks", "scaled_masks", "Chunker", "score_weights", "ablation_weights", "WEIGHTINGS"]
@@ -217,7 +217,7 @@ def ablation_weights(engine, cap, k: int, a, host, y, classes, *, batch_size=Non
     unmasked target scores; ``classes`` as in :func:`score_weights`. ``batch_size=None``: 32 ablations per pass."""
     xp = array_namespace(a)
     b, c = a.shape[:2]
-    yh = np.asarray(to_host(y), dtype=np.float64)
+    yh = np.asarray(to_host(float32(y)), dtype=np.float64)  # NumPy has no bfloat16
     if (yh == 0).any():
         raise ValueError(f"targets: the target score is exactly 0 for sample(s) {np.flatnonzero(yh == 0).tolist()}, "
                          f"so Ablation-CAM's (y - y_k) / y is undefined; explain another target")

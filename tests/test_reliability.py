@@ -158,3 +158,24 @@ def test_tuple_outputs_and_gradient_free_top_class_are_named():
         with pytest.raises(ValueError, match=r"targets: the model returned tuple, not one array of logits; pass "
                                              r"a callable"):
             camcore.explain(Pair(), images(), method=method, layer="net.1", progress=False)
+
+
+def test_bfloat16_ablationcam_and_cam():
+    """Issue 13 #4 and #5: Ablation-CAM on a bfloat16 model raised ``TypeError: Got unsupported ScalarType
+    BFloat16`` (the target scores went to NumPy as they were); CAM's premise check refused a bfloat16
+    EfficientNet at the right layer (its logits differ from the float32 check by ~0.03). Both now give the float32
+    model's maps, to bfloat16's precision."""
+    import copy
+
+    from camcore.demo import load_model, load_photo, to_tensor
+
+    model, x = small(), images()
+    want = camcore.explain(model, x, method="ablationcam", layer="1", targets=[0, 1], progress=False)
+    got = camcore.explain(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), method="ablationcam",
+                          layer="1", targets=[0, 1], progress=False)
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    effnet, photos = load_model(), to_tensor([load_photo("chelsea"), load_photo("coffee")])
+    want = camcore.explain(effnet, photos, method="cam", layer="_swish", targets=[281, 967])
+    got = camcore.explain(effnet.to(torch.bfloat16), photos.to(torch.bfloat16), method="cam", layer="_swish",
+                          targets=[281, 967])
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)
