@@ -80,6 +80,8 @@ def normalize(cam, /):
     """Per-sample min-max normalisation of ``(B, *S)`` maps to ``[0, 1]``; a constant map becomes all zeros
     (never NaN)."""
     xp = array_namespace(cam)
+    if cam.ndim < 2 or any(n == 0 for n in cam.shape[1:]):
+        raise ValueError(f"normalize: expected maps (B, *S) with at least one position, got shape {tuple(cam.shape)}")
     axes = tuple(range(1, cam.ndim))
     lo = xp.min(cam, axis=axes, keepdims=True)
     span = xp.max(cam, axis=axes, keepdims=True) - lo
@@ -126,6 +128,8 @@ def fuse(cams: Sequence, size: Sequence[int] | None = None, /):
     min-max normalised at its own resolution (raw scales differ between layers), upsampled to ``size`` (default:
     the first map's ``S``), and the maps are averaged. Returns ``(B, *size)``; a single map is only upsampled
     (not normalised)."""
+    if not len(cams):
+        raise ValueError("fuse: expected one map per layer, got none")
     size = tuple(cams[0].shape[1:]) if size is None else tuple(size)
     if len(cams) == 1:
         return upsample(cams[0], size)

@@ -179,3 +179,13 @@ def test_bfloat16_ablationcam_and_cam():
     got = camcore.explain(effnet.to(torch.bfloat16), photos.to(torch.bfloat16), method="cam", layer="_swish",
                           targets=[281, 967])
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+
+
+def test_empty_maps_are_named():
+    """``fuse([])`` raised IndexError; ``normalize`` of a map with no position a raw NumPy reduction error."""
+    with pytest.raises(ValueError, match=r"fuse: expected one map per layer, got none"):
+        M.fuse([])
+    for shape in [(1, 0), (2, 3, 0), (4,)]:
+        with pytest.raises(ValueError, match=r"normalize: expected maps \(B, \*S\) with at least one position"):
+            M.normalize(np.ones(shape, np.float32))
+    np.testing.assert_array_equal(M.normalize(np.array([[1.0, 3.0]], np.float32)), [[0.0, 1.0]])
