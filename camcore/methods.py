@@ -57,6 +57,12 @@ class Context:
     scale_free: bool = False
 
     @cached_property
+    def unit_activations(self):
+        """``(A / m, m)``: the activations over their per-sample largest magnitude, once for every method of a
+        call (:func:`camcore.maps.unit_scale`)."""
+        return maps.unit_scale(self.activations, f"layer: the activations of {self.layer!r}")
+
+    @cached_property
     def classes(self):
         """A callable target as it is, else one host int class index per sample."""
         return self.adapter.classes(self.capture)  # the engine's check: also of outputs that are not logits
@@ -98,7 +104,7 @@ class Method:
         per-sample largest magnitudes first and the product of the two scales multiplies the map at the end,
         or not at all for ``ctx.scale_free`` (the caller normalises the map, which is scale-free)."""
         w = self.weights(ctx, **hyper)
-        a, scale = maps.unit_scale(ctx.activations, f"{self.name}: the activations of {ctx.layer!r}")
+        a, scale = ctx.unit_activations
         if w is not None:
             w, sw = maps.unit_scale(w, f"{self.name}: the channel weights at {ctx.layer!r}")
             scale = _flat(scale) * _flat(sw)
