@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 from camcore._xp import array_namespace, float32
 from camcore.explain import model_lock
 from camcore.perturbation import Chunker
-from camcore.targets import check_targets, class_indices, class_scores, target_scores
+from camcore.targets import check_targets, class_indices, class_scores, first_leaf, target_scores
 
 from . import check_batch_size, check_masks, fell_back
 
@@ -279,7 +279,7 @@ class Engine:
     def _pick(self, out, classes, i: int, m: int, probability: bool):
         """``(m,)`` float32 scores of sample ``i``'s target in the outputs of ``m`` masked copies (or more: padded)."""
         if callable(classes):
-            return float32(self._core_outputs(target_scores(classes, out, len(_leaves(out)[0]))[0]))
+            return float32(self._core_outputs(target_scores(classes, out, len(first_leaf(out)))[0]))
         return class_scores(self._core_outputs(out), classes[i], probability=probability)
 
     @staticmethod
@@ -298,11 +298,3 @@ def _padded(masks):
     xp = array_namespace(masks)
     return xp.concat([masks, xp.broadcast_to(masks[-1:], (size - m, *masks.shape[1:]))])
 
-
-def _leaves(tree) -> list:
-    """The arrays of an output tree (its first is batched by the masks)."""
-    if isinstance(tree, (list, tuple)):
-        return [a for t in tree for a in _leaves(t)]
-    if isinstance(tree, dict):
-        return [a for t in tree.values() for a in _leaves(t)]
-    return [tree]

@@ -137,7 +137,7 @@ class EigenGradCAM(GradientMethod):
     """The principal component of ``G * A``, oriented by Grad-CAM's map ``sum_k mean(G_k) A_k``."""
 
     def orient(self, ctx, w, weighted):  # only its sign matters: computed scale-free
-        a = maps.unit_scale(ctx.activations)[0]
+        a = ctx.unit_activations[0]
         return maps.channel_sum(maps.weigh(W.gradcam(a, maps.unit_scale(ctx.grads)[0]), a))
 
 

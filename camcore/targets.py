@@ -13,7 +13,7 @@ import numpy as np
 
 from ._xp import array_namespace, device
 
-__all__ = ["check_targets", "class_indices", "target_scores", "softmax", "class_scores"]
+__all__ = ["check_targets", "class_indices", "target_scores", "softmax", "class_scores", "first_leaf"]
 
 
 def check_targets(targets, batch: int):
@@ -89,8 +89,8 @@ def target_scores(targets, outputs, batch: int, *, differentiable: bool = False)
         if shape != (batch,):
             raise ValueError(f"targets: the callable must return one score per sample, shape ({batch},); "
                              f"it returned {type(scores).__name__} of shape {shape}")
-        want, got = _framework(_first_leaf(outputs)), _framework(scores)
-        if differentiable and want != got:
+        want, got = (_framework(first_leaf(outputs)), _framework(scores)) if differentiable else (None, None)
+        if want != got:
             raise TypeError(f"targets: the callable must return a {want} array computed from the outputs, so "
                             f"that the gradient can flow through it; it returned {type(scores).__module__}."
                             f"{type(scores).__name__} (compute the score with {want}'s operations, not NumPy's)")
@@ -121,7 +121,7 @@ def class_scores(outputs, index: int, *, probability: bool = False):
     return (softmax(out) if probability else out)[:, index]
 
 
-def _first_leaf(tree):
+def first_leaf(tree):
     """The first array of an output tree (tuples, lists, dicts)."""
     while isinstance(tree, (list, tuple, dict)) and tree:
         tree = next(iter(tree.values())) if isinstance(tree, dict) else tree[0]

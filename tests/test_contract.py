@@ -162,8 +162,10 @@ def test_activations_and_grads_per_sample_rows(kind):
 
 
 # ------------------------------------------------------------------------------------------- forward_masked
-@pytest.mark.parametrize("masks,targets", [("shared", t) for t in TARGETS] + [("per-sample", "list"),
-                                                                             ("per-sample", "none")])
+MASK_CASES = [("shared", t) for t in TARGETS] + [("per-sample", "list"), ("per-sample", "none")]
+
+
+@pytest.mark.parametrize("masks,targets", MASK_CASES)
 def test_forward_masked_input_matches_oracle(kind, masks, targets):
     t = TARGETS[targets]
     mk = INPUT_MASKS if masks == "shared" else SAMPLE_MASKS
@@ -175,8 +177,7 @@ def test_forward_masked_input_matches_oracle(kind, masks, targets):
     assert info.get("path") in ("full", "tail", "compiled")
 
 
-@pytest.mark.parametrize("masks,targets", [("shared", t) for t in TARGETS] + [("per-sample", "list"),
-                                                                             ("per-sample", "none")])
+@pytest.mark.parametrize("masks,targets", MASK_CASES)
 def test_forward_masked_layer_matches_oracle(kind, masks, targets):
     t = TARGETS[targets]
     mk = CHANNEL_MASKS if masks == "shared" else SAMPLE_CHANNEL_MASKS
