@@ -56,13 +56,13 @@ def principal_component(weighted, /, *, orient=None):
     return xp.reshape(proj * (sign[:, None] * scale[:, :, 0]), (b, *s))
 
 
-def unit_scale(x, what: str = "the array", /):
-    """``(x / m, m)``, ``m`` each sample's largest ``|x|`` (1 where that is 0), keeping the sample axes: the
-    scale-free part of a computation then runs on values in ``[-1, 1]`` and cannot overflow. Non-finite values
-    raise ``ValueError`` starting with ``what`` (an SVD never returns on them) where they can be read (not
-    under ``jax.jit``)."""
+def unit_scale(x, what: str = "the array", /, *, keep: int = 1):
+    """``(x / m, m)``, ``m`` the largest ``|x|`` over all but the first ``keep`` axes (each sample's, or with
+    ``keep=2`` each channel's; 1 where that is 0), keeping those axes: the scale-free part of a computation then
+    runs on values in ``[-1, 1]`` and cannot overflow. Non-finite values raise ``ValueError`` starting with
+    ``what`` (an SVD never returns on them) where they can be read (not under ``jax.jit``)."""
     xp = array_namespace(x)
-    axes = tuple(range(1, x.ndim))
+    axes = tuple(range(keep, x.ndim))
     m = xp.max(xp.abs(x), axis=axes, keepdims=True)
     if _concrete(m) and not bool(xp.all(xp.isfinite(m))):
         raise ValueError(f"{what} contain NaN or inf (an overflow upstream, or non-finite weights)")
@@ -78,15 +78,17 @@ def relu(cam, /):
 
 def normalize(cam, /):
     """Per-sample min-max normalisation of ``(B, *S)`` maps to ``[0, 1]``; a constant map becomes all zeros
-    (never NaN)."""
+    (never NaN). Range-safe (the maps are divided by their largest magnitude first); NaN or inf raise
+    ``ValueError`` where they can be read."""
     xp = array_namespace(cam)
     if cam.ndim < 2 or any(n == 0 for n in cam.shape[1:]):
         raise ValueError(f"normalize: expected maps (B, *S) with at least one position, got shape {tuple(cam.shape)}")
     axes = tuple(range(1, cam.ndim))
+    cam = unit_scale(cam, "normalize: the maps")[0]  # the span max - min overflows near float32's maximum
     lo = xp.min(cam, axis=axes, keepdims=True)
     span = xp.max(cam, axis=axes, keepdims=True) - lo
-    ok = span > 0
-    return xp.where(ok, (cam - lo) / xp.where(ok, span, xp.ones_like(span)), xp.zeros_like(cam))
+    flat = span == 0  # NaN (only under jax.jit, where nothing can raise) stays NaN, never a blank map
+    return xp.where(flat, xp.zeros_like(cam), (cam - lo) / xp.where(flat, xp.ones_like(span), span))
 
 
 def _linear_taps(n_in: int, n_out: int):
@@ -119,7 +121,8 @@ def upsample(cam, size: Sequence[int], /):
         t = xp.reshape(xp.asarray(t, dtype=cam.dtype, device=dev), tuple(shape))
         lo = xp.take(cam, xp.asarray(i0, device=dev), axis=axis)
         hi = xp.take(cam, xp.asarray(i1, device=dev), axis=axis)
-        cam = lo + (hi - lo) * t
+        # a convex combination (hi - lo overflows near float32's maximum), exact where neighbours are equal
+        cam = xp.where(hi == lo, lo, lo * (1 - t) + hi * t)
     return cam
 
 

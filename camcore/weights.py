@@ -8,7 +8,7 @@ an array of the inputs' namespace and device.
 """
 from __future__ import annotations
 
-from ._xp import array_namespace, concrete, expand_to, spatial_axes, to_host
+from ._xp import array_namespace, concrete, spatial_axes, to_host
 from .maps import unit_scale
 
 __all__ = [
@@ -55,30 +55,36 @@ def gradcam(activations, grads, /):
     Args: ``activations``, ``grads``: ``(B, C, *S)``. Returns: ``(B, C)``.
     """
     xp = array_namespace(activations, grads)
-    return xp.mean(grads, axis=spatial_axes(grads))
+    axes = spatial_axes(grads)
+    g, scale = unit_scale(grads, "gradcam: the gradients", keep=2)  # the sum of G overflows near float32's max
+    return xp.mean(g, axis=axes) * xp.squeeze(scale, axis=axes)
 
 
 def gradcam_pp(activations, grads, /, *, eps: float = 0.0):
     """Grad-CAM++ (Chattopadhyay et al., 2018, https://arxiv.org/abs/1710.11063), eq. (19) with the
     exponential score, whose higher derivatives are powers of the first:
 
-        alpha^kc_ij = G_ij^2 / (2 G_ij^2 + sum_ab A^k_ab * G_ij^3),    w^c_k = sum_ij alpha^kc_ij * relu(G_ij)
+        alpha^kc_ij = G_ij^2 / (2 G_ij^2 + sum_ab A^k_ab * G_ij^3 + eps),    w^c_k = sum_ij alpha^kc_ij * relu(G_ij)
 
-    where the denominator is 0 the paper sets alpha = 0. With ``eps == 0`` (default) alpha is evaluated as
-    ``1 / (2 + sum_ab A_ab * G_ij)`` (the same value, free of the underflow of ``G^2`` and ``G^3``);
-    ``eps > 0`` adds ``eps`` to the paper's denominator instead (pytorch-grad-cam uses ``eps=1e-6``).
+    where the denominator is 0 the paper sets alpha = 0; ``eps == 0`` is the paper's formula, pytorch-grad-cam
+    uses ``eps=1e-6``. Only ``G_ij > 0`` contributes, and each term is evaluated as
+    ``1 / (2 / G_ij + S_k + eps / G_ij^3)`` (``S_k = sum_ab A^k_ab``): the same value, free of the overflow and
+    underflow of ``G^2``, ``G^3`` and ``S_k * G`` at any float32 magnitude (a term is 0 only where its true value
+    is below float32's smallest number).
 
     Args: ``activations``, ``grads``: ``(B, C, *S)``. Returns: ``(B, C)``.
     """
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
-    sum_a = expand_to(xp.sum(activations, axis=axes), grads.ndim)
-    if eps == 0:
-        alpha = _safe_div(xp.ones_like(grads), 2 + sum_a * grads, 0.0)
-    else:
-        g2 = grads * grads
-        alpha = _safe_div(g2, 2 * g2 + sum_a * g2 * grads, eps)
-    return xp.sum(alpha * xp.maximum(grads, xp.zeros_like(grads)), axis=axes)  # relu(G) = 0 where G == 0
+    sum_a = xp.sum(activations, axis=axes, keepdims=True)
+    a, m = unit_scale(activations, "gradcam++: the activations", keep=2)  # where that sum overflowed (or was
+    sum_a = xp.where(xp.isfinite(sum_a), sum_a, xp.sum(a, axis=axes, keepdims=True) * m)  # inf - inf): m_k S_k/m_k
+    positive = grads > 0
+    g = xp.where(positive, grads, xp.ones_like(grads))
+    den = 2 / g + sum_a
+    if eps:
+        den = den + eps / g / g / g
+    return xp.sum(xp.where(positive, _safe_div(xp.ones_like(den), den, 0.0), xp.zeros_like(den)), axis=axes)
 
 
 def xgradcam(activations, grads, /, *, eps: float = 0.0):
@@ -90,9 +96,10 @@ def xgradcam(activations, grads, /, *, eps: float = 0.0):
     """
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
-    g, scale = unit_scale(grads, "xgradcam: the gradients")  # linear in G: G * A cannot overflow on unit G
-    w = _safe_div(xp.sum(g * activations, axis=axes), xp.sum(activations, axis=axes), eps)
-    return w * xp.reshape(scale, (scale.shape[0], 1))
+    g, scale = unit_scale(grads, "xgradcam: the gradients", keep=2)  # linear in G: G * A cannot overflow
+    a, m = unit_scale(activations, "xgradcam: the activations", keep=2)  # nor sum(A) on unit A: same ratio
+    w = _safe_div(xp.sum(g * a, axis=axes), xp.sum(a, axis=axes), eps / xp.squeeze(m, axis=axes))
+    return w * xp.squeeze(scale, axis=axes)
 
 
 def hirescam(activations, grads, /):
