@@ -63,18 +63,25 @@ def camcore_error(err: Exception) -> Exception:
     return err
 
 
-def model_error(err: Exception, shape, channels_last: bool) -> Exception:
+def model_error(err: Exception, shape, channels_last: bool, hint: str = "") -> Exception:
     """The error to raise, ``from err``, when the model's forward pass on inputs of ``shape`` raised ``err``: the
-    same type (``RuntimeError`` if that type cannot take a message) with the inputs' shape and, where the last
-    dimension looks like channels (1, 3 or 4) and the second does not, the hint to permute them or to pass
-    ``data_format``. camcore's own errors (:func:`camcore_error`) come back as they are."""
-    if getattr(err, "_camcore", False):
+    same type (``RuntimeError`` if that type cannot take a message) with the inputs' shape, the layout camcore
+    passed them in, and a hint: ``hint`` (the backend's: a dtype or device that differs from the model's), or
+    where the last dimension looks like channels (1, 3 or 4) and the second does not, to permute them or to pass
+    ``data_format``. camcore's own errors (:func:`camcore_error`, or raised in camcore's code) come back as they
+    are."""
+    if getattr(err, "_camcore", False) or _raised_in_camcore(err):
         return err
     shape = tuple(shape)
+    layout = "(B, *spatial, C)" if channels_last else "(B, C, *spatial)"
     first = str(err).splitlines()[0] if str(err) else ""
-    msg = f"model: the forward pass of inputs of shape {shape} raised {type(err).__name__}: {first}"
+    msg = (f"model: the forward pass of inputs of shape {shape} raised {type(err).__name__}: {first}; camcore "
+           f"passes the inputs to the model as given, one batch {layout} (one example needs its batch axis: "
+           f"x[None])")
     looks_last = len(shape) >= 3 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4)
-    if looks_last and not channels_last:
+    if hint:
+        msg += f"; {hint}"
+    elif looks_last and not channels_last:
         perm = ", ".join(map(str, (0, len(shape) - 1, *range(1, len(shape) - 1))))
         msg += (f"; the inputs look channels-last (B, *spatial, C) but were given as channels-first "
                 f"(B, C, *spatial): permute them (x.permute({perm})) for a channels-first model, or pass "
@@ -84,6 +91,24 @@ def model_error(err: Exception, shape, channels_last: bool) -> Exception:
     except Exception:  # an exception type whose constructor takes other arguments
         new = RuntimeError(msg)
     return camcore_error(new)
+
+
+def _raised_in_camcore(err: Exception) -> bool:
+    """Whether ``err`` was raised by camcore's own code (its innermost frame is in ``camcore/`` or ``backends/``,
+    e.g. a check in a hook), not by the model or its framework."""
+    import os
+
+    import camcore
+
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    core = os.path.dirname(os.path.abspath(camcore.__file__))
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return any(path.startswith(d + os.sep) for d in (here, core))
 
 
 def unknown_layer(layer, names) -> ValueError:

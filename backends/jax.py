@@ -23,7 +23,7 @@ import numpy as np
 
 from camcore.targets import target_scores
 
-from . import check_data_format, unknown_layer
+from . import check_data_format, model_error, unknown_layer
 from .engine import Engine
 
 __all__ = ["JaxAdapter", "accepts"]
@@ -71,6 +71,10 @@ def accepts(model) -> bool:
 
 class _Linen:
     def __init__(self, module, variables):
+        if variables and "params" not in variables:
+            raise ValueError(f"model: the linen variables have no 'params' collection (their keys: "
+                             f"{', '.join(map(repr, list(variables)[:5]))}); pass (module, variables) with the "
+                             f"variables module.init(...) returns, e.g. {{'params': params}}, not the params alone")
         self.module = module
         self.variables = variables
         self.static_names = _variable_paths(variables)
@@ -79,6 +83,8 @@ class _Linen:
         return list(self.static_names)
 
     def resolve(self, layer):
+        if isinstance(layer, str) and not layer.strip("/"):
+            raise unknown_layer(layer, self.names())
         if isinstance(layer, (tuple, list)) and layer and all(isinstance(p, str) for p in layer):
             return "/".join(layer)
         if isinstance(layer, str) and layer:
@@ -165,6 +171,8 @@ class _Nnx:
 
     def resolve(self, layer):
         paths = self.paths()
+        if isinstance(layer, str) and not layer.strip("/"):
+            raise unknown_layer(layer, list(paths))
         if isinstance(layer, _nnx().Module):
             for name, path in paths.items():
                 if _child_at(self.model, path) is layer:
@@ -467,7 +475,15 @@ class JaxAdapter(Engine):
 
     # ------------------------------------------------------------------------------------- primitives
     def _runner(self, wanted, parts=None):
-        return self._model.runner(self.model_mode == "eval", wanted, parts)
+        run = self._model.runner(self.model_mode == "eval", wanted, parts)
+
+        def guarded(x, hook, state=None):  # the model's own errors name the inputs' shape and layout
+            try:
+                return run(x, hook, state)
+            except Exception as err:
+                raise model_error(err, x.shape, self.channels_last) from err
+
+        return guarded
 
     def _session(self, x):
         return contextlib.nullcontext()  # pure: nothing to put back
@@ -477,10 +493,22 @@ class JaxAdapter(Engine):
         calls: list[_Call] = []
         run = self._runner(None)
         jax.eval_shape(lambda x: _arrays_only(run(x, _recording_hook(calls, []))), x)
-        self._last_trace = calls
+        self._last_trace = self._checked_layout(calls)
         last, rank = self.channels_last, len(x.shape)
         shapes = [(c.name, tuple(c.out.shape)) for c in calls if c.out is not None]
         return [(n, (s[0], s[-1], *s[1:-1]) if last and len(s) == rank else s) for n, s in shapes]
+
+    def _checked_layout(self, calls):
+        """``calls``; ``ValueError`` for ``data_format="channels_first"`` on a model with Flax convolutions, whose
+        feature maps are channels-last whatever the inputs' layout (the maps would be read along the wrong axes)."""
+        convs = tuple(c for c in (getattr(_linen(), "Conv", None), getattr(_linen(), "ConvTranspose", None),
+                                  getattr(_nnx(), "Conv", None), getattr(_nnx(), "ConvTranspose", None)) if c)
+        conv = None if self.channels_last else next((c.name for c in calls if issubclass(c.cls, convs)), None)
+        if conv is not None:
+            raise ValueError(f"data_format: 'channels_first' given, but the model's layer {conv!r} is a Flax "
+                             f"convolution, which computes channels-last feature maps (B, *S, C); pass channels-last "
+                             f"inputs and data_format=None")
+        return calls
 
     def _last_calls(self, calls, names, what):
         """Per name: ``(number of calls, output spec of the last call)``; errors for layers that do not run or do
@@ -506,7 +534,7 @@ class JaxAdapter(Engine):
         if not gradients:  # one eager pass records every module call (no abstract trace: host steps are fine)
             calls, outs = [], []
             outputs = self._runner(None)(x, _recording_hook(calls, outs))
-            self._last_trace = calls
+            self._last_trace = self._checked_layout(calls)
             last = self._last_calls(calls, names, what)
             acts = [[o for c, o in zip(calls, outs) if c.name == n][-1] for n in names]
             return outputs, acts, [None] * len(acts), {n: last[n][0] for n in names}
@@ -532,7 +560,13 @@ class JaxAdapter(Engine):
 
         def scores_of(deltas):
             outputs, acts = forward(deltas)
-            return target_scores(targets, outputs, x.shape[0])[0], (outputs, acts)
+            try:
+                scores = target_scores(targets, outputs, x.shape[0])[0]
+            except jax.errors.TracerArrayConversionError as err:  # a callable that reads values with NumPy
+                raise TypeError("targets: the callable must return a jax array computed from the outputs with "
+                                "jax.numpy, so that the gradient can flow through it; it converted the traced "
+                                "outputs to NumPy (compute the score with jax.numpy's operations)") from err
+            return scores, (outputs, acts)
 
         deltas = [jnp.zeros(last[n][1].shape, last[n][1].dtype) for n in names]
         scores, vjp_fn, (outputs, acts) = jax.vjp(scores_of, deltas, has_aux=True)

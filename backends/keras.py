@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from camcore.targets import class_indices, target_scores
 
-from . import check_data_format, unknown_layer
+from . import check_data_format, model_error, unknown_layer
 from .engine import Engine
 
 __all__ = ["KerasAdapter"]
@@ -48,13 +48,15 @@ def _walk(layer, prefix=""):
         yield from _walk(child, path + "/")
 
 
-def _model_format(model) -> str:
-    """The data format of the model's first convolution (else of any layer that declares one; else Keras'
-    global default). Pooling and flattening layers carry the global default, so convolutions come first."""
-    declared = [(hasattr(layer, "kernel_size"), getattr(layer, "data_format", None)) for _, layer in _walk(model)]
-    formats = [fmt for conv, fmt in sorted(declared, key=lambda d: not d[0])
+def _model_format(model) -> tuple[str, str | None]:
+    """``(format, layer)``: the data format of the model's first convolution (else of any layer that declares
+    one; else Keras' global default, with ``layer=None``). Pooling and flattening layers carry the global default,
+    so convolutions come first."""
+    declared = [(hasattr(layer, "kernel_size"), getattr(layer, "data_format", None), path)
+                for path, layer in _walk(model)]
+    formats = [(fmt, path) for conv, fmt, path in sorted(declared, key=lambda d: not d[0])
                if fmt in ("channels_last", "channels_first")]
-    return formats[0] if formats else keras.config.image_data_format()
+    return formats[0] if formats else (keras.config.image_data_format(), None)
 
 
 def _numpy(tree):
@@ -140,7 +142,11 @@ class KerasAdapter(Engine):
                                f"KERAS_BACKEND is {keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow "
                                f"(for JAX pass a Flax model; for PyTorch a torch.nn.Module)")
         super().__init__(model, model_mode=model_mode, compile=compile)
-        self.channels_last = check_data_format(data_format, _model_format(model))
+        declared, layer = _model_format(model)
+        self.channels_last = check_data_format(data_format, declared)
+        if layer is not None and data_format not in (None, declared):
+            raise ValueError(f"data_format: {data_format!r} given, but the model's layer {layer!r} computes "
+                             f"{declared} feature maps; pass data_format=None (camcore reads it from the model)")
         self._graphs: dict = {}  # the masked passes' cached tf.functions, per layer and call count
 
     # ----------------------------------------------------------------------------------------- layers
@@ -231,7 +237,10 @@ class KerasAdapter(Engine):
                 v.assign(value)
 
     def _call(self, x):
-        return self.model(x, training=False) if self.model_mode == "eval" else self.model(x)
+        try:
+            return self.model(x, training=False) if self.model_mode == "eval" else self.model(x)
+        except Exception as err:
+            raise model_error(err, x.shape, self.channels_last) from err
 
     def _trace(self, x):
         layers, seen = list(_walk(self.model)), []

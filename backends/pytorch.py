@@ -33,11 +33,16 @@ def _tensors(tree) -> list:
 
 
 def _same_outputs(got, want, rows=None) -> bool:
-    """Whether two output trees agree to float32 rounding (relative to each output's largest value), comparing
-    the first ``rows`` rows of ``want`` (all when ``None``)."""
+    """Whether two output trees agree to their dtype's rounding (``max(1e-4, 16 eps)`` relative to each output's
+    largest value: 1e-4 for float32, 0.016 for float16, 0.125 for bfloat16), comparing the first ``rows`` rows of
+    ``want`` (all when ``None``)."""
     got, want = _tensors(got), [w[:rows] for w in _tensors(want)]
+
+    def tol(w):
+        return max(1e-4, 16 * torch.finfo(w.dtype).eps) if w.is_floating_point() else 0.0
+
     return len(got) == len(want) and all(
-        g.shape == w.shape and bool(((g.float() - w.float()).abs() <= 1e-4 * (1 + w.float().abs().max())).all())
+        g.shape == w.shape and bool(((g.float() - w.float()).abs() <= tol(w) * (1 + w.float().abs().max())).all())
         for g, w in zip(got, want))
 
 
@@ -159,7 +164,18 @@ class TorchAdapter(Engine):
         try:
             return self.model(x)
         except Exception as err:
-            raise model_error(err, x.shape, self.channels_last(x)) from err
+            raise model_error(err, x.shape, self.channels_last(x), self._mismatch(x)) from err
+
+    def _mismatch(self, x) -> str:
+        """What differs between the inputs and the model's first floating parameter: dtype, device ("" if none)."""
+        p = next((t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()), None)
+        if p is None:
+            return ""
+        parts = [f"the inputs are {x.dtype} and the model's parameters {p.dtype}: pass inputs.to({p.dtype})"
+                 if x.dtype != p.dtype else "",
+                 f"the inputs are on {x.device} and the model on {p.device}: pass inputs.to('{p.device}')"
+                 if x.device != p.device else ""]
+        return "; ".join(q for q in parts if q)
 
     @contextlib.contextmanager
     def _session(self, x):

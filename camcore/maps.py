@@ -5,6 +5,7 @@ has the inputs' namespace and device.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,16 +58,21 @@ def principal_component(weighted, /, *, orient=None):
 
 
 def unit_scale(x, what: str = "the array", /, *, keep: int = 1):
-    """``(x / m, m)``, ``m`` the largest ``|x|`` over all but the first ``keep`` axes (each sample's, or with
-    ``keep=2`` each channel's; 1 where that is 0), keeping those axes: the scale-free part of a computation then
-    runs on values in ``[-1, 1]`` and cannot overflow. Non-finite values raise ``ValueError`` starting with
-    ``what`` (an SVD never returns on them) where they can be read (not under ``jax.jit``)."""
+    """``(x / m, m)``: ``m`` the power of two at or just below the largest ``|x|`` over all but the first ``keep``
+    axes (each sample's, or with ``keep=2`` each channel's; 1 where that is 0), keeping those axes. ``x / m`` lies
+    in ``[-2, 2]``, so the scale-free part of a computation cannot overflow, and it is exact: a power of two only
+    moves the exponent, so sums and products on ``x / m`` round exactly as on ``x`` (an exact zero stays zero).
+    Non-finite values raise ``ValueError`` starting with ``what`` (an SVD never returns on them) where they can be
+    read (not under ``jax.jit``)."""
     xp = array_namespace(x)
     axes = tuple(range(keep, x.ndim))
     m = xp.max(xp.abs(x), axis=axes, keepdims=True)
     if _concrete(m) and not bool(xp.all(xp.isfinite(m))):
         raise ValueError(f"{what} contain NaN or inf (an overflow upstream, or non-finite weights)")
-    m = xp.where(m > 0, m, xp.ones_like(m))
+    info = xp.finfo(x.dtype)  # the exponents of the largest number and of the smallest subnormal one
+    lo, hi = math.log2(float(info.smallest_normal) * float(info.eps)), math.frexp(float(info.max))[1] - 1
+    e = xp.clip(xp.floor(xp.log2(xp.where(m > 0, m, xp.ones_like(m)))), lo, hi)
+    m = xp.pow(xp.full_like(m, 2), e)
     return x / m, m
 
 

