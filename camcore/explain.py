@@ -21,7 +21,7 @@ from .methods import Context, get_method
 
 __all__ = ["explain", "Explainer"]
 
-_COMMON = {"counterfactual": False, "eigen_smooth": False, "reshape": None, "model_mode": "eval",
+_COMMON = {"counterfactual": False, "eigen_smooth": False, "guided": False, "reshape": None, "model_mode": "eval",
            "data_format": None, "info": None}
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one re-entrant lock per model object
 _LOCKS_GUARD = threading.Lock()
@@ -52,7 +52,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             array of the model's framework (NumPy is fine for Keras and JAX).
         method: ``"cam"``, ``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``,
             ``"gradcam-elementwise"``, ``"layercam"``, ``"eigencam"``, ``"eigengradcam"``, or the gradient-free
-            ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`); or a
+            ``"scorecam"``, ``"sscam"``, ``"iscam"``, ``"ablationcam"`` (see :mod:`camcore.perturbation`); the
+            input gradients ``"guided-backprop"`` and ``"deconvnet"`` (no layer) and ``"guided-gradcam"``; or a
             list of them: a dict of maps per method, all from one forward (and backward) pass, which is how to
             compare methods on equal terms (each method takes its own options from ``options``).
         layer: the framework's name of the layer (``"layer4.1"``, ``"Block_3/Conv_0"``), the layer object, or a
@@ -63,7 +64,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
         upsample: resize the maps to the inputs' spatial size (linear interpolation); ``False`` keeps the
             layer's resolution (the finest one when several layers are fused).
         **options:
-            ``counterfactual`` (False): explain ``-y^c`` (Grad-CAM sec. 3.2): the regions whose increase would
+            ``guided`` (False): multiply the normalised map by guided backpropagation (Guided Grad-CAM for
+            any method), shaped like the inputs. ``counterfactual`` (False): explain ``-y^c`` (Grad-CAM sec. 3.2): the regions whose increase would
             lower the score. ``eigen_smooth`` (False): reduce the weighted channels by their first principal
             component instead of their sum. ``reshape``: a callable applied to activations and gradients
             before the formulas, e.g. :func:`camcore.tokens_to_grid` for vision transformers.
@@ -82,7 +84,8 @@ def explain(model, inputs, *, method: str, layer=None, targets=None, normalize: 
             gradient-free method ran (``"path"``, ``"reason"``, ``"masked_forwards"``).
     Returns:
         float32 maps ``(B, *S)`` of the inputs' framework and device (``(B, H, W)`` for images), whatever the
-        model's channel layout; ``{method: maps}`` for a list of methods.
+        model's channel layout; for input-gradient and guided methods, float32 arrays shaped like the inputs
+        (the model's layout); ``{method: maps}`` for a list of methods.
     """
     # two statements: traced inside a tf.function, AutoGraph misreads the chained ``Explainer(...)(...)`` call
     explainer = Explainer(model, method=method, layer=layer, normalize=normalize, upsample=upsample, **options)
@@ -117,11 +120,18 @@ class Explainer:
                             f"expected any of {', '.join(sorted(allowed))}")
         opts = {**allowed, **options}
         _check_common({"counterfactual": opts["counterfactual"], "eigen_smooth": opts["eigen_smooth"],
-                       "normalize": normalize, "upsample": upsample}, opts["info"], opts["reshape"])
+                       "guided": opts["guided"], "normalize": normalize, "upsample": upsample}, opts["info"],
+                      opts["reshape"])
         for spec in specs:
             if opts["counterfactual"] and not spec.counterfactual:
                 raise ValueError(f"counterfactual: {spec.name!r} uses no gradient, so it has no counterfactual map; "
                                  f"use a gradient method such as 'gradcam'")
+            if (opts["guided"] or spec.guided) and spec.rule is None and (opts["counterfactual"] or not upsample):
+                raise ValueError(f"guided: {spec.name!r} guided multiplies guided backpropagation of the score by the "
+                                 f"map at the inputs' size: it needs upsample=True and counterfactual=False")
+        if layer is not None and all(spec.rule for spec in specs):
+            raise ValueError(f"layer: {specs[0].name!r} is a gradient with respect to the inputs and takes no layer; "
+                             f"pass layer=None")
         self.model, self.methods, self.normalize, self.upsample = model, specs, normalize, upsample
         self.method = specs[0]
         self._hyper = [spec.check({k: opts[k] for k in spec.hyper}, reshape=opts["reshape"]) for spec in specs]
@@ -146,34 +156,55 @@ class Explainer:
         _check_common({}, info, None)
         with model_lock(self.model):
             x = adapter.check_inputs(inputs)
-            if self._layers is None:
-                self._layers = [adapter.default_layer(x)]
-                self._names = [adapter.resolve_layer(self._layers[0])[0]]
-            grads = any(spec.needs_grads for spec in self.methods)
-            cap = adapter.capture(x, self._layers, targets, gradients=grads)
-            if isinstance(cap.targets, list):  # class indices: range-checked against the outputs, for every method
-                adapter.classes(cap)
-            reshape: Callable | None = opts["reshape"]
-            cams: list[list] = [[] for _ in self.methods]  # per method, per layer
-            for k, (name, a, g) in enumerate(zip(self._names, cap.acts, cap.grads)):
-                a = float32(reshape(a) if reshape else a)
-                g = None if g is None else float32(reshape(g) if reshape else g)
-                if adapter.concrete(a):  # values exist (not a jit trace): check them
-                    _check_layer_arrays(name, a, g)
-                if opts["counterfactual"] and g is not None:
-                    g = -g
-                ctx = Context(name, a, g, cap.outputs, cap.targets, adapter, cap, k,
-                              counterfactual=opts["counterfactual"], eigen_smooth=opts["eigen_smooth"],
-                              info=opts["info"] if info is None else info, scale_free=self.normalize)
-                for j, (spec, hyper) in enumerate(zip(self.methods, self._hyper)):
-                    cams[j].append(maps.relu(spec(ctx, **hyper)))
-            size = _output_size(adapter.spatial_shape(x), cams[0], self.upsample)
-            out = [maps.fuse(c, size) for c in cams]
-            for spec, o in zip(self.methods, out):
-                if adapter.concrete(o):
-                    _check_map(spec.name, o, raw=not self.normalize)
-            out = [adapter.to_native(maps.normalize(o) if self.normalize else o, inputs) for o in out]
+            layered = [(spec, hyper) for spec, hyper in zip(self.methods, self._hyper) if spec.rule is None]
+            cams = self._maps(x, targets, layered, info) if layered else []
+            rules = {spec.rule for spec in self.methods if spec.rule}
+            if opts["guided"] or any(spec.guided for spec, _ in layered):
+                rules.add("guided")
+            guided = {rule: float32(adapter._core_outputs(adapter.input_gradients(x, targets, rule=rule)[1]))
+                      for rule in sorted(rules)}
+            out, last = [], adapter._last(x)
+            for spec in self.methods:
+                if spec.rule:
+                    out.append(guided[spec.rule])
+                    continue
+                cam = cams.pop(0)
+                out.append(maps.guide(guided["guided"], cam, channels_last=last) if opts["guided"] or spec.guided
+                           else cam)
+            out = [adapter.to_native(o, inputs) for o in out]
             return dict(zip((spec.name for spec in self.methods), out)) if self._several else out[0]
+
+    def _maps(self, x, targets, methods, info) -> list:
+        """The maps ``(B, *S)`` of the layer methods, ``methods`` as ``(spec, hyper)`` pairs (normalised where
+        asked), from one capture."""
+        adapter, opts = self.adapter, self._opts
+        if self._layers is None:
+            self._layers = [adapter.default_layer(x)]
+            self._names = [adapter.resolve_layer(self._layers[0])[0]]
+        grads = any(spec.needs_grads for spec, _ in methods)
+        cap = adapter.capture(x, self._layers, targets, gradients=grads)
+        if isinstance(cap.targets, list):  # class indices: range-checked against the outputs, for every method
+            adapter.classes(cap)
+        reshape: Callable | None = opts["reshape"]
+        cams: list[list] = [[] for _ in methods]  # per method, per layer
+        for k, (name, a, g) in enumerate(zip(self._names, cap.acts, cap.grads)):
+            a = float32(reshape(a) if reshape else a)
+            g = None if g is None else float32(reshape(g) if reshape else g)
+            if adapter.concrete(a):  # values exist (not a jit trace): check them
+                _check_layer_arrays(name, a, g)
+            if opts["counterfactual"] and g is not None:
+                g = -g
+            ctx = Context(name, a, g, cap.outputs, cap.targets, adapter, cap, k,
+                          counterfactual=opts["counterfactual"], eigen_smooth=opts["eigen_smooth"],
+                          info=opts["info"] if info is None else info, scale_free=self.normalize)
+            for j, (spec, hyper) in enumerate(methods):
+                cams[j].append(maps.relu(spec(ctx, **hyper)))
+        size = _output_size(adapter.spatial_shape(x), cams[0], self.upsample)
+        out = [maps.fuse(c, size) for c in cams]
+        for (spec, _), o in zip(methods, out):
+            if adapter.concrete(o):
+                _check_map(spec.name, o, raw=not self.normalize)
+        return [maps.normalize(o) if self.normalize else o for o in out]
 
     def close(self) -> None:
         """Release the adapter and what it compiled; later calls raise."""

@@ -12,7 +12,8 @@ import numpy as np
 
 from ._xp import array_namespace, concrete as _concrete, device, expand_to
 
-__all__ = ["weigh", "channel_sum", "unit_scale", "principal_component", "relu", "normalize", "upsample", "fuse"]
+__all__ = ["weigh", "channel_sum", "unit_scale", "principal_component", "relu", "normalize", "upsample", "fuse",
+           "guide"]
 
 
 def weigh(weights, activations, /):
@@ -144,3 +145,14 @@ def fuse(cams: Sequence, size: Sequence[int] | None = None, /):
         return upsample(cams[0], size)
     xp = array_namespace(*cams)
     return xp.mean(xp.stack([upsample(normalize(c), size) for c in cams], axis=0), axis=0)
+
+
+def guide(grads, cam, /, *, channels_last: bool = False):
+    """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3): guided backpropagation ``grads`` times the map ``cam``
+    ``(B, *S)`` (normalised, at the inputs' size), broadcast over the channels: ``grads`` and the result are
+    ``(B, C, *S)``, or ``(B, *S, C)`` for ``channels_last``."""
+    xp = array_namespace(grads, cam)
+    if tuple(cam.shape) != tuple(grads.shape[:1] + (grads.shape[1:-1] if channels_last else grads.shape[2:])):
+        raise ValueError(f"guided: the map {tuple(cam.shape)} does not match the inputs' spatial shape of the "
+                         f"gradients {tuple(grads.shape)}; guided maps need upsample=True")
+    return grads * xp.expand_dims(xp.astype(cam, grads.dtype), axis=-1 if channels_last else 1)

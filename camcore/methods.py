@@ -25,7 +25,7 @@ from ._xp import array_namespace, expand_to, float32, spatial_axes, to_host
 from .targets import class_indices, target_scores
 
 __all__ = ["Context", "Method", "GradientMethod", "CAM", "EigenCAM", "ScoreCAM", "SSCAM", "ISCAM", "AblationCAM",
-           "METHODS", "get_method"]
+           "InputGradient", "METHODS", "get_method"]
 
 
 @dataclass
@@ -72,13 +72,16 @@ class Context:
 class Method:
     """A CAM method. ``name``; ``hyper``: its keyword options and their defaults; ``needs_grads``: whether the
     backend computes ``dy/dA``; ``eigen``: reduce by the first principal component; ``perturbation``: where a
-    gradient-free method's masks go, ``"input"`` or ``"layer"`` (``None``: no masked passes)."""
+    gradient-free method's masks go, ``"input"`` or ``"layer"`` (``None``: no masked passes); ``guided``: the
+    map is multiplied by guided backpropagation; ``rule``: an input-gradient method (:class:`InputGradient`)."""
 
     name: str
     hyper: dict = field(default_factory=dict)
     needs_grads: bool = True
     eigen: bool = False
     perturbation: str | None = None
+    guided: bool = False  # the map times guided backpropagation (Guided Grad-CAM)
+    rule: str | None = None  # an input-gradient method: the ReLUs' backward rule, and no layer
 
     @property
     def counterfactual(self) -> bool:
@@ -165,6 +168,20 @@ class CAM(Method):
     def weights(self, ctx, *, classifier=None, cam_weights=None):
         w = _cam_weights(ctx, classifier, cam_weights)
         return -w if ctx.counterfactual else w
+
+
+@dataclass(frozen=True)
+class InputGradient(Method):
+    """Guided backpropagation (Springenberg et al. 2015) or deconvnet (Zeiler & Fergus 2014): the gradient of the
+    target score with respect to the inputs, every ReLU-like unit ``y = clamp(x, 0, hi)`` passing back, for an
+    incoming gradient ``g``, ``max(g, 0) * 1[0 < x < hi]`` (``rule="guided"``) or ``max(g, 0) * 1[x < hi]``
+    (``"deconvnet"``). Computed by the backend (``input_gradients``), shaped like the inputs; no layer."""
+
+    needs_grads: bool = False
+
+    @property
+    def counterfactual(self) -> bool:
+        return False
 
 
 def _flat(scale):
@@ -352,6 +369,9 @@ METHODS: dict[str, Method] = {
         SSCAM("sscam"),
         ISCAM("iscam"),
         AblationCAM("ablationcam"),
+        GradientMethod("guided-gradcam", formula=W.gradcam, guided=True),
+        InputGradient("guided-backprop", rule="guided"),
+        InputGradient("deconvnet", rule="deconvnet"),
     ]
 }
 

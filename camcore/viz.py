@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["overlay", "caption", "save_png"]
+__all__ = ["overlay", "guided_image", "caption", "save_png"]
 
 
 def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
@@ -25,6 +25,27 @@ def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
     heat = colormaps[colormap](np.clip(cam, 0.0, 1.0))[..., :3].astype(np.float32)
     return (1.0 - alpha) * image + alpha * heat
+
+
+def guided_image(grad, /, *, channels_first: bool | None = None) -> np.ndarray:
+    """One sample's guided gradient (``"guided-backprop"``, ``"guided-gradcam"``, ...) as a picture, as the papers'
+    figures show it: ``0.5 + 0.1 * (g - mean(g)) / std(g)``, clipped to ``[0, 1]`` (gray where ``g`` is 0 on
+    average; a constant ``g`` gives gray).
+
+    Args: ``grad``: ``(C, H, W)`` or ``(H, W, C)`` of any framework; ``channels_first``: its layout (default: the
+        axis of size 1 or 3 that the other end does not have). Returns ``(H, W, C)`` float32.
+    """
+    g = np.asarray(grad.tolist() if not isinstance(grad, np.ndarray) and hasattr(grad, "tolist") else grad,
+                   dtype=np.float64)
+    if g.ndim != 3:
+        raise ValueError(f"grad: expected one sample (C, H, W) or (H, W, C), got shape {g.shape}")
+    if channels_first is None:
+        channels_first = g.shape[0] in (1, 3) and g.shape[-1] not in (1, 3)
+    if channels_first:
+        g = np.moveaxis(g, 0, -1)
+    std = g.std()
+    g = (g - g.mean()) / std if std > 0 else np.zeros_like(g)
+    return np.clip(0.5 + 0.1 * g, 0.0, 1.0).astype(np.float32)
 
 
 def caption(rgb, text: str, /, *, height: int = 24) -> np.ndarray:

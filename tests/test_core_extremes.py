@@ -152,10 +152,12 @@ def test_score_cam_masks_at_any_magnitude(a):
 @SETTINGS
 @given(x=wide(st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(2, 4), st.integers(1, 3))))
 def test_principal_component_finite_at_any_magnitude(x):
-    """Centring and the energy overflowed to inf near float32's maximum and the SVD never returned; now finite,
-    and oriented: non-negative covariance with the energy (computed in float64)."""
+    """Centring and the energy overflowed to inf near float32's maximum and the SVD never returned (torch raised
+    ``LinAlgError``); now finite on NumPy and torch alike, and oriented: non-negative covariance with the energy
+    (computed in float64)."""
     p = np.asarray(M.principal_component(x))
     assert p.shape == (x.shape[0], *x.shape[2:]) and np.isfinite(p).all()
+    assert torch.isfinite(M.principal_component(torch.from_numpy(x))).all()
     x64 = f64(x)
     energy = (x64 / np.maximum(np.abs(x64).max(axis=(1, 2, 3), keepdims=True), 1e-300)) ** 2
     energy = energy.sum(axis=1).reshape(x.shape[0], -1)

@@ -46,12 +46,12 @@ def test_demo_targets_are_ranked_high_and_boxes_lie_in_the_photos(effnet, photo_
 def test_demo_names_method_and_class_on_every_picture(tmp_path, capsys):
     from matplotlib import image
 
-    demo.main(["--out", str(tmp_path), "--methods", "gradcam", "eigencam"])
+    demo.main(["--out", str(tmp_path), "--methods", "gradcam", "eigencam", "guided-gradcam"])
     printed = capsys.readouterr().out
     for cls in ("tabby cat", "espresso", "barbell", "missile"):
         assert cls in printed
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 2 * len(demo.PHOTOS)
+    assert len(pngs) == 3 * len(demo.PHOTOS)
     for path in pngs:
         rgb = image.imread(path)[..., :3]
         assert rgb.shape == (24 + 224, 448, 3)

@@ -32,7 +32,7 @@ jax.config.update("jax_enable_x64", False)
 # camcore must not ask JAX for int64 (which it truncates to int32 with a warning) when x64 is off
 pytestmark = pytest.mark.filterwarnings("error:Explicitly requested dtype int64:UserWarning")
 
-ALL_METHODS = list(camcore.METHODS)
+ALL_METHODS = [m for m, s in camcore.METHODS.items() if not (s.rule or s.guided)]  # the maps (B, *S)
 B, H, W, K = 2, 16, 16, 5
 FORWARDS: list[bool] = []  # one entry per concrete (non-traced) run of a test model's top-level __call__
 

@@ -22,7 +22,7 @@ import camcore
 from camcore.backends.pytorch import TorchAdapter
 from model_checks import assert_no_hooks, assert_untouched, snapshot
 
-ALL_METHODS = list(camcore.METHODS)
+ALL_METHODS = [m for m, s in camcore.METHODS.items() if not (s.rule or s.guided)]  # the maps (B, *S)
 
 
 # ----------------------------------------------------------------------------------------------- models

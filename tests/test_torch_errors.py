@@ -96,7 +96,8 @@ def test_model_raising_midway_leaves_nothing_behind(method, mode, model_mode, gr
     with torch.set_grad_enabled(grad):
         snap = snapshot(model)
         with pytest.raises(RuntimeError, match="boom: the model failed midway"):
-            camcore.explain(model, x, method=method, layer=["features.3", "features.5"], model_mode=model_mode)
+            camcore.explain(model, x, method=method, model_mode=model_mode,
+                            layer=None if camcore.METHODS[method].rule else ["features.3", "features.5"])
         assert_untouched(model, snap)  # BN ran in training mode before the raise ("as-is"): stats restored
         with pytest.raises(RuntimeError, match="boom"):
             TorchAdapter(model, model_mode=model_mode).forward_masked(x, torch.ones(2, 1, 16, 16), targets=1)
