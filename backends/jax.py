@@ -573,6 +573,18 @@ class JaxAdapter(Engine):
         (grads,) = vjp_fn(jnp.ones_like(scores))
         return outputs, acts, list(grads), {n: last[n][0] for n in names}
 
+    def _input_grads(self, x, targets, rule):
+        from .jax_guided import guided_vjp
+
+        run = self._runner(set())
+
+        def scores(z):  # the outputs ride along as an auxiliary value (no gradient)
+            outputs = run(z, None)
+            return target_scores(targets, outputs, z.shape[0])[0], outputs
+
+        (_, outputs), grads, units = guided_vjp(scores, x, rule, has_aux=True)
+        return outputs, grads, units
+
     def _masked(self, name, layer, calls, fast):
         """Input masks: the model on ``x_i * masks``. Layer masks: eagerly, the layer's last-call output times the
         mask; jitted, the model on ``x_i`` tiled to the chunk with that output *replaced* by ``A_i * masks``: no

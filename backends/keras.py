@@ -260,6 +260,23 @@ class KerasAdapter(Engine):
             self._call(x)
         return seen
 
+    def _input_grads(self, x, targets, rule):
+        from .keras_guided import guided_relus
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            with guided_relus(rule) as seen:
+                outputs = self._call(x)
+            total = tf.reduce_sum(self._scores(targets, outputs, x.shape[0]))  # outside: plain
+        return _numpy(outputs), tape.gradient(total, x), seen.units
+
+    @staticmethod
+    def _scores(targets, outputs, batch):
+        if callable(targets) or not tf.is_tensor(outputs):
+            return target_scores(targets, outputs, batch, differentiable=True)[0]
+        return tf.gather(outputs, class_indices(targets, outputs.numpy()), axis=1, batch_dims=1)
+
     def _capture(self, x, named, targets, gradients, what):
         x = tf.convert_to_tensor(x)
         captured: dict[int, tf.Tensor] = {}
@@ -286,11 +303,7 @@ class KerasAdapter(Engine):
                 raise ValueError(f"{what}: {'layer ' if what == 'at' else ''}{missing[0]!r} did not run during the "
                              f"forward pass of the inputs")
             if gradients:
-                if callable(targets) or not tf.is_tensor(outputs):
-                    scores = target_scores(targets, outputs, x.shape[0], differentiable=True)[0]
-                else:
-                    scores = tf.gather(outputs, class_indices(targets, outputs.numpy()), axis=1, batch_dims=1)
-                total = tf.reduce_sum(scores)
+                total = tf.reduce_sum(self._scores(targets, outputs, x.shape[0]))
         acts = [captured[i] for i in range(len(named))]
         if not gradients:
             return _numpy(outputs), acts, [None] * len(acts), calls
