@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import sys
 import warnings
 
@@ -74,7 +75,8 @@ def model_error(err: Exception, shape, channels_last: bool, hint: str = "") -> E
         return err
     shape = tuple(shape)
     layout = "(B, *spatial, C)" if channels_last else "(B, C, *spatial)"
-    first = str(err).splitlines()[0] if str(err) else ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split("Arguments received by")[0]  # Keras' colours, echo
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
     msg = (f"model: the forward pass of inputs of shape {shape} raised {type(err).__name__}: {first}; camcore "
            f"passes the inputs to the model as given, one batch {layout} (one example needs its batch axis: "
            f"x[None])")

@@ -237,8 +237,13 @@ class KerasAdapter(Engine):
                 v.assign(value)
 
     def _call(self, x):
+        return self.model(x, training=False) if self.model_mode == "eval" else self.model(x)
+
+    def _forward(self, x):
+        """:meth:`_call`; an error of the model's own names the inputs' shape and layout (the fast path's tracing
+        calls :meth:`_call`, so that a fallback's reason is the framework's own)."""
         try:
-            return self.model(x, training=False) if self.model_mode == "eval" else self.model(x)
+            return self._call(x)
         except Exception as err:
             raise model_error(err, x.shape, self.channels_last) from err
 
@@ -257,7 +262,7 @@ class KerasAdapter(Engine):
             return recording
 
         with _intercepted([obj for _, obj in layers], wrap):
-            self._call(x)
+            self._forward(x)
         return seen
 
     def _input_grads(self, x, targets, rule):
@@ -267,7 +272,7 @@ class KerasAdapter(Engine):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(x)
             with guided_relus(rule) as seen:
-                outputs = self._call(x)
+                outputs = self._forward(x)
             total = tf.reduce_sum(self._scores(targets, outputs, x.shape[0]))  # outside: plain
         return _numpy(outputs), tape.gradient(total, x), seen.units
 
@@ -297,7 +302,7 @@ class KerasAdapter(Engine):
             return capturing
 
         with _intercepted([obj for _, obj in named], wrap), tape:
-            outputs = self._call(x)
+            outputs = self._forward(x)
             missing = [n for i, (n, _) in enumerate(named) if i not in captured]
             if missing:
                 raise ValueError(f"{what}: {'layer ' if what == 'at' else ''}{missing[0]!r} did not run during the "

@@ -17,7 +17,9 @@ import camcore
 from camcore.backends.pytorch import TorchAdapter
 from model_checks import assert_untouched, snapshot
 
-GRADIENT_METHODS = sorted(m for m, spec in camcore.METHODS.items() if not spec.perturbation and m != "cam")
+GRADIENT_METHODS = sorted(m for m, spec in camcore.METHODS.items()
+                          if not (spec.perturbation or spec.rule or spec.guided) and m != "cam")
+GUIDED = sorted(m for m, spec in camcore.METHODS.items() if spec.rule or spec.guided)
 MAP_TOL = 1e-3  # the cross-framework tolerance (test_cross_framework.py), with oneDNN off as the suite sets it
 
 
@@ -61,6 +63,18 @@ def test_channels_last_inputs_give_the_channels_first_twins_maps(pair, method):
         assert got.shape == (3, 16, 20)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     assert_untouched(last, snap)
+
+
+@pytest.mark.parametrize("method", GUIDED)
+def test_channels_last_inputs_give_the_channels_first_twins_guided_gradients(pair, method):
+    """Input gradients come in the inputs' own layout: the channels-last twin's are the channels-first one's,
+    permuted."""
+    first, last, x, x_last = pair
+    layer = None if camcore.METHODS[method].rule else "conv2"
+    ref = camcore.explain(first, x, method=method, layer=layer, targets=[0, 3, 4])
+    got = camcore.explain(last, x_last, method=method, layer=layer, targets=[0, 3, 4])
+    assert got.shape == x_last.shape and ref.abs().max() > 0
+    torch.testing.assert_close(got, ref.permute(0, 2, 3, 1), atol=1e-6, rtol=0)
 
 
 def test_layout_inference_and_input_masks(pair):

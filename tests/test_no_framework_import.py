@@ -14,7 +14,7 @@ FRAMEWORKS = ["torch", "tensorflow", "jax", "keras", "flax", "matplotlib", "cv2"
 _PROBE = r"""
 import json, sys
 import camcore
-import camcore.weights, camcore.maps, camcore.targets, camcore.tokens, camcore.backends
+import camcore.weights, camcore.maps, camcore.targets, camcore.tokens, camcore.backends, camcore.metrics
 after_import = sorted({m.split('.')[0] for m in sys.modules} & set(FRAMEWORKS))
 if USE_CORE:
     import numpy as np
@@ -30,6 +30,9 @@ if USE_CORE:
     weights.cam(rng.normal(size=(4, 3)), np.array([0, 3]))
     targets.target_scores(targets.check_targets([1, 2], 2), rng.normal(size=(2, 5)), 2)
     tokens_to_grid(rng.normal(size=(2, 10, 3)))
+    from camcore import metrics
+    boxes = metrics.boxes_from_cam(m)
+    metrics.localisation_accuracy(m, boxes), metrics.pointing_game(m, boxes), metrics.energy_pointing_game(m, boxes)
 after_use = sorted({m.split('.')[0] for m in sys.modules} & set(FRAMEWORKS))
 print(json.dumps({"after_import": after_import, "after_use": after_use}))
 """
