@@ -69,6 +69,13 @@ class Backend(Protocol):
         """``(outputs, d(sum_b y_b)/dx in the inputs' layout, units)`` with every ReLU-like unit backpropagating by
         ``rule`` (``"guided"`` or ``"deconvnet"``, docs/methods.md); ``units``: how many unit calls were guided."""
 
+    def parameter_layers(self) -> list[str]:
+        """The layers that hold trainable parameters themselves, in definition order (the input side first)."""
+
+    def _randomized(self, names: list, noise: Callable):
+        """A copy of the model whose trainable parameters under the layers ``names`` (their sub-layers too) are
+        ``noise(p)``; the model itself is not changed."""
+
     def _masked(self, name, handle, calls: int, fast: bool) -> Callable | None:
         """``f(x_i, a_i, masks) -> outputs``: the model on ``(1, ...)`` sample ``x_i`` with native ``masks``
         ``(M, ...)`` multiplied into the inputs (``handle=None``) or into the layer's ``calls``-th output (``a_i``,
@@ -198,6 +205,23 @@ class Engine:
                           f"leaky ReLUs are not), so guidance does not apply: these are the plain input gradients",
                           RuntimeWarning, stacklevel=3)
         return outputs, grads
+
+    def randomized(self, layers, seed: int = 0):
+        """A copy of the model with the trainable parameters of ``layers`` (names or layer objects; their
+        sub-layers too) re-drawn as Gaussian noise of each parameter's own root-mean-square, ``p ~ N(0, rms(p)^2)``
+        (NumPy's generator seeded by ``seed``, layer by layer in the order given): the model-randomisation test
+        (Adebayo et al. 2018). The model itself is never changed."""
+        import numpy as np
+
+        names = [self.resolve_layer(layer)[0] for layer in layers]
+        rng = np.random.default_rng(seed)
+
+        def noise(p):
+            p = np.asarray(p, np.float64)
+            rms = float(np.sqrt(np.mean(p * p))) if p.size else 0.0
+            return rng.normal(0.0, rms, size=p.shape).astype(np.float32)
+
+        return self._randomized(names, noise)
 
     def classes(self, cap: Capture):
         """A callable target as it is, else one class index per sample (the top class for ``None``), checked

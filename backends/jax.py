@@ -95,6 +95,33 @@ class _Linen:
         raise TypeError(f"layer: expected a Flax module path (str such as 'Block_0/Conv_0', or a tuple of "
                         f"names), got {type(layer).__name__}")
 
+    def parameter_layers(self) -> list[str]:
+        """Module paths whose ``params`` hold arrays directly, in the variables' (creation) order."""
+        out = []
+
+        def walk(tree, prefix):
+            if any(not isinstance(v, Mapping) for v in tree.values()) and prefix:
+                out.append("/".join(prefix))
+            for k, v in tree.items():
+                if isinstance(v, Mapping):
+                    walk(v, (*prefix, str(k)))
+
+        walk(self.variables.get("params", {}), ())
+        return out
+
+    def randomized(self, names, noise):
+        """``(module, variables)`` with the params under ``names`` replaced by ``noise`` (a new tree)."""
+
+        def redraw(tree, path):
+            inside = any(path[: len(n)] == n for n in split)
+            return {k: redraw(v, (*path, str(k))) if isinstance(v, Mapping) else
+                    (jnp.asarray(noise(v), dtype=v.dtype) if inside else v) for k, v in tree.items()}
+
+        split = [tuple(n.split("/")) for n in names]
+        variables = dict(self.variables)
+        variables["params"] = redraw(self.variables["params"], ())
+        return self.module, variables
+
     def _inference(self):
         """The root module and call keywords for model_mode='eval' (see the module docstring)."""
         module, kwargs = self.module, {}
@@ -194,6 +221,26 @@ class _Nnx:
     def split(self):
         return _nnx().split(self.model)
 
+    def parameter_layers(self) -> list[str]:
+        nnx = _nnx()
+        out = []
+        for name, path in sorted(self.paths().items(), key=lambda item: _definition_key(self.model, item[1])):
+            module = _child_at(self.model, path)
+            if any(isinstance(v, nnx.Param) for v in vars(module).values()):
+                out.append(name)
+        return out
+
+    def randomized(self, names, noise):
+        nnx = _nnx()
+        twin = nnx.merge(*nnx.split(self.model), copy=True)
+        paths = self.paths()
+        for name in names:
+            for _, module in nnx.iter_modules(_child_at(twin, paths[name])):
+                for v in vars(module).values():
+                    if isinstance(v, nnx.Param):
+                        v[...] = jnp.asarray(noise(v[...]), dtype=v[...].dtype)
+        return twin
+
     def runner(self, eval_mode: bool, wanted, parts=None):
         nnx = _nnx()
         graphdef, default = parts or nnx.split(self.model)  # outside any trace; the copy is merged inside `run`
@@ -252,6 +299,15 @@ class _Pair:
 
     def split(self):
         return None, None
+
+    @staticmethod
+    def parameter_layers():
+        return []
+
+    @staticmethod
+    def randomized(names, noise):
+        raise ValueError("model: a (features, head) pair of functions exposes no parameters to randomise; pass a "
+                         "Flax model")
 
     def runner(self, eval_mode: bool, wanted, parts=None):
         features, head = self.features, self.head
@@ -572,6 +628,12 @@ class JaxAdapter(Engine):
         scores, vjp_fn, (outputs, acts) = jax.vjp(scores_of, deltas, has_aux=True)
         (grads,) = vjp_fn(jnp.ones_like(scores))
         return outputs, acts, list(grads), {n: last[n][0] for n in names}
+
+    def parameter_layers(self):
+        return self._model.parameter_layers()
+
+    def _randomized(self, names, noise):
+        return self._model.randomized(names, noise)
 
     def _input_grads(self, x, targets, rule):
         from .jax_guided import guided_vjp

@@ -265,6 +265,23 @@ class KerasAdapter(Engine):
             self._forward(x)
         return seen
 
+    def parameter_layers(self):
+        return [path for path, layer in _walk(self.model) if layer.trainable_weights and not _children(layer)]
+
+    def _randomized(self, names, noise):
+        try:
+            twin = keras.models.clone_model(self.model)
+        except Exception as err:
+            raise TypeError(f"model: the model-randomisation test needs a copy of the model, and "
+                            f"keras.models.clone_model cannot copy this {type(self.model).__name__} ({err}); use a "
+                            f"functional or Sequential model") from err
+        twin.set_weights(self.model.get_weights())
+        layers = dict(_walk(twin))
+        for name in names:
+            for v in layers[name].trainable_weights:
+                v.assign(noise(v.numpy()))
+        return twin
+
     def _input_grads(self, x, targets, rule):
         from .keras_guided import guided_relus
 

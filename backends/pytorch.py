@@ -211,6 +211,21 @@ class TorchAdapter(Engine):
             self._forward(x)
         return seen
 
+    def parameter_layers(self):
+        return [n for n, m in self.model.named_modules()
+                if n and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def _randomized(self, names, noise):
+        import copy
+
+        twin = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name in names:
+                for p in twin.get_submodule(name).parameters():
+                    if p.requires_grad:
+                        p.copy_(torch.from_numpy(noise(p.detach().float().cpu().numpy())).to(p))
+        return twin
+
     def _input_grads(self, x, targets, rule):
         from .torch_guided import GuidedMode
 
