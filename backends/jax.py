@@ -636,16 +636,29 @@ class JaxAdapter(Engine):
         return self._model.randomized(names, noise)
 
     def _input_grads(self, x, targets, rule):
+        """The guided pass, jit-compiled (interpreting the rewritten jaxpr op by op costs a compilation per
+        primitive) and cached per rule, structure and class targets, with the model's arrays as arguments."""
         from .jax_guided import guided_vjp
 
-        run = self._runner(set())
+        static, state = self._model.split()
+        key = None if callable(targets) else ("guided", rule, self.model_mode, static, tuple(targets or ()))
+        if key not in self._jits:
+            run, seen = self._runner(set(), (static, None)), {}
 
-        def scores(z):  # the outputs ride along as an auxiliary value (no gradient)
-            outputs = run(z, None)
-            return target_scores(targets, outputs, z.shape[0])[0], outputs
+            def grads(state, x):
+                def scores(z):  # the outputs ride along as an auxiliary value (no gradient)
+                    outputs = run(z, None, state)
+                    return target_scores(targets, outputs, z.shape[0])[0], _arrays_only(outputs)
 
-        (_, outputs), grads, units = guided_vjp(scores, x, rule, has_aux=True)
-        return outputs, grads, units
+                (_, outputs), g, seen["units"] = guided_vjp(scores, x, rule, has_aux=True)
+                return outputs, g
+
+            self._jits[key] = jax.jit(grads), seen
+        fn, seen = self._jits[key]
+        if key is None:
+            del self._jits[key]
+        outputs, grads = fn(state, x)
+        return outputs, grads, seen["units"]
 
     def _masked(self, name, layer, calls, fast):
         """Input masks: the model on ``x_i * masks``. Layer masks: eagerly, the layer's last-call output times the

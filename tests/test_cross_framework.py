@@ -76,19 +76,17 @@ def test_guided_methods_agree_on_every_framework(ports, nchw):
     """Issue 14: the ports' ReLU6 units are torch ``nn.ReLU6`` modules, Keras ``ReLU(max_value=6)`` layers and Flax
     ``jnp.clip(x, 0, 6)`` calls, each guided by its own backend's mechanism; Guided Grad-CAM and both input
     gradients agree (relative to their largest magnitude, as the maps do)."""
-    targets = [281, 967, 0, 812]
+    targets = [281, 0]  # two photos: one capture and two guided passes per framework
     got = {}
     for port in ports:
-        x = port.inputs(nchw)
-        out = camcore.explain(port.model, x, method=["guided-backprop", "deconvnet"], targets=targets)
-        out["guided-gradcam"] = camcore.explain(port.model, x, method="guided-gradcam",
-                                                layer=port.layer("_conv_head"), targets=targets)
+        out = camcore.explain(port.model, port.inputs(nchw[[0, 2]]), method=["guided-gradcam", "guided-backprop",
+                              "deconvnet"], layer=port.layer("_conv_head"), targets=targets)
         got[port.framework] = {m: np.asarray(v) if port.framework == "torch" else np.moveaxis(np.asarray(v), -1, 1)
                                for m, v in out.items()}
     for framework in got:
         for method, ref in got["torch"].items():
             scale = np.abs(ref).max()
-            assert got[framework][method].shape == (4, 3, 224, 224) and scale > 0
+            assert got[framework][method].shape == (2, 3, 224, 224) and scale > 0
             diff = np.abs(got[framework][method] - ref).max() / scale
             assert diff <= MAP_TOL, (framework, method, diff)
 

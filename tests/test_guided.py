@@ -183,3 +183,15 @@ def test_guided_image_is_the_papers_display_normalisation():
     np.testing.assert_array_equal(guided_image(np.zeros((4, 4, 3))), np.full((4, 4, 3), 0.5, np.float32))
     with pytest.raises(ValueError, match=r"grad: expected one sample \(C, H, W\) or \(H, W, C\), got shape"):
         guided_image(g[None])
+
+
+def test_a_callable_target_and_class_targets_give_the_same_guided_gradients(resnet, x):
+    """One backward pass for the batch whatever the target: a callable picking each sample's class equals the
+    class list."""
+    picked = torch.tensor(TARGETS)
+    by_callable = camcore.explain(resnet, x, method=["guided-backprop", "guided-gradcam"], layer="layer4",
+                                  targets=lambda out: out[torch.arange(out.shape[0]), picked])
+    by_list = camcore.explain(resnet, x, method=["guided-backprop", "guided-gradcam"], layer="layer4",
+                              targets=TARGETS)
+    for m in by_list:
+        torch.testing.assert_close(by_callable[m], by_list[m], rtol=0, atol=0)
