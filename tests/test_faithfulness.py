@@ -128,3 +128,26 @@ def test_gradcam_deletes_faster_than_a_random_map_on_the_real_model(effnet, phot
     d_cam = F.deletion_auc(effnet, photo_batch, cams, targets=[281, 967, 0, 812], steps=10, progress=False)
     d_rnd = F.deletion_auc(effnet, photo_batch, random, targets=[281, 967, 0, 812], steps=10, progress=False)
     assert d_cam.mean() < d_rnd.mean(), (d_cam, d_rnd)
+
+
+def test_confidence_measures_equal_pytorch_grad_cams(effnet, photo_batch):
+    """pytorch-grad-cam's ``DropInConfidence`` is ``max(0, Y - O)`` of softmax probabilities, not divided by ``Y``
+    nor in % (the Grad-CAM++ paper's Average Drop, which camcore computes): equal after that factor; its
+    ``IncreaseInConfidence`` is camcore's."""
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    x, targets = photo_batch[:2], [281, 967]
+    gradcam = camcore.explain(effnet, x, method="gradcam", layer="_conv_head", targets=targets)
+    noise = torch.rand(gradcam.shape, generator=torch.Generator().manual_seed(5))  # maps that lose confidence
+    peer_targets = [ClassifierOutputSoftmaxTarget(t) for t in targets]
+    with torch.no_grad():
+        y = effnet(x).softmax(1)[[0, 1], targets].numpy().astype(np.float64)
+    for cams in (gradcam, noise):
+        with torch.no_grad():
+            peer_drop = DropInConfidence()(x, cams.numpy(), peer_targets, effnet)
+            peer_increase = IncreaseInConfidence()(x, cams.numpy(), peer_targets, effnet)
+        np.testing.assert_allclose(F.average_drop(effnet, x, cams, targets=targets), 100 * peer_drop / y,
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(F.increase_in_confidence(effnet, x, cams, targets=targets), peer_increase > 0)
+    assert (np.asarray(peer_drop) > 1e-3).any()  # the noise maps: a real drop was compared
