@@ -20,9 +20,10 @@ __all__ = ["deletion_auc", "insertion_auc", "deletion_curve", "average_drop", "i
 BASELINES = ("zeros", "mean", "blur")
 
 
-def _engine(model, model_mode, data_format):
-    from camcore.backends import adapter_for  # here: camcore imports no framework
+def _engine(model, model_mode, data_format, batch_size):
+    from camcore.backends import adapter_for, check_batch_size  # here: camcore imports no framework
 
+    check_batch_size(batch_size)
     return adapter_for(model, model_mode=model_mode, data_format=data_format)
 
 
@@ -60,9 +61,7 @@ def _scores(engine, rows, classes, targets, batch_size, progress):
 
 
 def _setup(model, inputs, cams, targets, model_mode, data_format, batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    engine = _engine(model, model_mode, data_format)
+    engine = _engine(model, model_mode, data_format, batch_size)
     x = engine.check_inputs(inputs)
     b = x.shape[0]
     checked = check_targets(targets, b)

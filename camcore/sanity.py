@@ -25,15 +25,12 @@ def _pair(a, b):
 
 
 def _ranks(x):
-    """Ranks ``1..N`` along the last axis, ties given their average rank."""
-    order = np.argsort(x, axis=-1, kind="stable")
-    ranks = np.empty_like(x)
-    np.put_along_axis(ranks, order, np.arange(1, x.shape[-1] + 1, dtype=np.float64)[None], axis=-1)
-    out = np.empty_like(ranks)
-    for i in range(x.shape[0]):  # average the ranks of tied values
+    """Ranks ``1..N`` along the last axis of ``(B, N)``, ties given their average rank."""
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
         _, inverse, counts = np.unique(x[i], return_inverse=True, return_counts=True)
-        sums = np.bincount(inverse, weights=ranks[i])
-        out[i] = (sums / counts)[inverse]
+        first = np.cumsum(counts) - counts  # the rank - 1 of each distinct value's first occurrence
+        out[i] = (first + (counts + 1) / 2)[inverse.ravel()]
     return out
 
 
