@@ -151,3 +151,15 @@ def test_confidence_measures_equal_pytorch_grad_cams(effnet, photo_batch):
                                    rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(F.increase_in_confidence(effnet, x, cams, targets=targets), peer_increase > 0)
     assert (np.asarray(peer_drop) > 1e-3).any()  # the noise maps: a real drop was compared
+
+
+def test_the_blur_baseline_is_scipys_gaussian_filter():
+    """RISE's blurred baseline: a Gaussian of sigma 5 truncated at 10 pixels, edges replicated -- scipy's
+    ``gaussian_filter(mode="nearest", truncate=2)`` over the spatial axes, on channels-first and -last inputs."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = np.random.default_rng(6).uniform(size=(2, 3, 17, 23))
+    want = ndimage.gaussian_filter(x, sigma=(0, 0, 5, 5), mode="nearest", truncate=2.0)
+    np.testing.assert_allclose(F._baseline(x, "blur", last=False), want, rtol=0, atol=1e-12)
+    last = np.moveaxis(x, 1, -1)
+    np.testing.assert_allclose(F._baseline(torch.from_numpy(last), "blur", last=True).numpy(),
+                               np.moveaxis(want, 1, -1), rtol=0, atol=1e-12)
