@@ -11,13 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from ._xp import array_namespace, device, float32, to_host
+from .imputation import noisy_linear_imputation
 from .perturbation import progress_bar
 from .targets import check_targets, class_indices, softmax, target_scores
 
-__all__ = ["deletion_auc", "insertion_auc", "deletion_curve", "average_drop", "increase_in_confidence", "win",
-           "BASELINES"]
+__all__ = ["deletion_auc", "insertion_auc", "deletion_curve", "road_curve", "road", "average_drop",
+           "increase_in_confidence", "win", "BASELINES", "ROAD_ORDERS"]
 
 BASELINES = ("zeros", "mean", "blur")
+ROAD_ORDERS = ("morf", "lerf", "combined")
+PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
 def _engine(model, model_mode, data_format, batch_size):
@@ -38,26 +41,42 @@ def _maps(cams, size, b) -> np.ndarray:
     return m
 
 
-def _scores(engine, rows, classes, targets, batch_size, progress):
-    """``(N,)`` host float64 target scores of the ``N`` perturbed inputs ``rows`` (the core's array), the target
-    of row ``j`` being ``classes[j]`` (an int per row) or the callable ``targets``; chunks of ``batch_size``."""
-    xp = array_namespace(rows)
-    out, bar = [], progress_bar(rows.shape[0], progress)
+def _scores(engine, chunks, total, classes, targets, progress):
+    """``(total,)`` host float64 target scores of the perturbed inputs that ``chunks`` yields (arrays of the core's
+    namespace, ``total`` rows in all), the target of row ``j`` being ``classes[j]`` (an int per row) or the
+    callable ``targets``; one forward pass per chunk."""
+    out, done, bar = [], 0, progress_bar(total, progress, unit="image")
     try:
-        for start in range(0, rows.shape[0], batch_size):
-            chunk = rows[start : start + batch_size]
+        for chunk in chunks:
+            xp = array_namespace(chunk)
             outputs = engine.capture(chunk, [], None, gradients=False).outputs
             if callable(targets):
                 s = target_scores(targets, outputs, chunk.shape[0])[0]
             else:
                 p = softmax(float32(outputs))
-                onehot = np.eye(p.shape[1], dtype=np.float32)[classes[start : start + chunk.shape[0]]]
+                onehot = np.eye(p.shape[1], dtype=np.float32)[classes[done : done + chunk.shape[0]]]
                 s = xp.sum(p * xp.asarray(onehot, device=device(p)), axis=1)
             out.append(np.asarray(to_host(s), np.float64))
+            done += chunk.shape[0]
             bar.update(chunk.shape[0])
     finally:
         bar.close()
     return np.concatenate(out)
+
+
+def _chunks(rows, batch_size):
+    """``rows`` (an array) in slices of ``batch_size``."""
+    return (rows[start : start + batch_size] for start in range(0, rows.shape[0], batch_size))
+
+
+def _ranks(cams, descending: bool) -> np.ndarray:
+    """``(B, N)`` place of each pixel of the flattened ``cams`` in the order of saliency (highest first when
+    ``descending``), ties by position."""
+    flat = cams.reshape(cams.shape[0], -1)
+    order = np.argsort(-flat if descending else flat, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(flat.shape[1])[None, :], axis=1)
+    return rank
 
 
 def _setup(model, inputs, cams, targets, model_mode, data_format, batch_size):
@@ -127,20 +146,19 @@ def deletion_curve(model, inputs, cams, *, targets=None, steps: int = 20, baseli
     xp = array_namespace(x)
     base = _baseline(x, baseline, last)
     b, n = cams.shape[0], int(np.prod(cams.shape[1:]))
-    order = np.argsort(-cams.reshape(b, -1), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)  # rank[i, p]: place of pixel p in the order
+    rank = _ranks(cams, descending=True)
     counts = np.rint(np.arange(steps + 1) / steps * n).astype(np.int64)
-    rows = []
-    for i in range(b):
+
+    def rows(i):
         moved = rank[i][None, :] < counts[:, None]  # (steps + 1, N): the pixels taken at each step
         keep = moved if insertion else ~moved
         m = xp.asarray(keep.reshape(steps + 1, *cams.shape[1:]).astype(np.float32), device=device(x))
         m = xp.astype(xp.expand_dims(m, axis=-1 if last else 1), x.dtype)  # broadcast over the channels
-        rows.append(x[i : i + 1] * m + base[i : i + 1] * (1 - m))
+        return x[i : i + 1] * m + base[i : i + 1] * (1 - m)
+
+    chunks = _chunks(xp.concat([rows(i) for i in range(b)]), batch_size)
     per_row = None if classes is None else [c for c in classes for _ in range(steps + 1)]
-    scores = _scores(engine, xp.concat(rows), per_row, checked, batch_size, progress)
-    return scores.reshape(b, steps + 1)
+    return _scores(engine, chunks, b * (steps + 1), per_row, checked, progress).reshape(b, steps + 1)
 
 
 def _auc(curve):
@@ -160,6 +178,66 @@ def insertion_auc(model, inputs, cams, *, baseline="blur", **options) -> np.ndar
     return _auc(deletion_curve(model, inputs, cams, baseline=baseline, insertion=True, **options))
 
 
+def _removed_counts(percentiles, n: int) -> np.ndarray:
+    """How many of ``n`` pixels ``p`` % removes: ``n - ceil((n - 1)(100 - p) / 100)``, the pixels at or above the
+    map's ``(100 - p)``-th percentile (NumPy's linear interpolation) when its values are distinct, as
+    pytorch-grad-cam's ROAD thresholds them."""
+    if isinstance(percentiles, (str, bytes)) or not hasattr(percentiles, "__len__") or not len(percentiles):
+        raise ValueError(f"percentiles: expected a non-empty sequence of numbers in (0, 100), got {percentiles!r}")
+    p = np.asarray(percentiles, np.float64)
+    if p.ndim != 1 or not np.all((p > 0) & (p < 100)):
+        raise ValueError(f"percentiles: expected numbers strictly between 0 and 100, got {list(percentiles)!r}")
+    return n - np.ceil(np.round((n - 1) * (100 - p) / 100, 9)).astype(np.int64)
+
+
+def road_curve(model, inputs, cams, *, targets=None, order: str = "morf", percentiles=PERCENTILES,
+               noise: float = 0.01, seed: int = 0, tol: float = 1e-4, batch_size: int = 32, model_mode: str = "eval",
+               data_format=None, progress=None) -> np.ndarray:
+    """``(B, P)``: the target's score on each image with ``p`` % of its pixels removed and imputed, ``p`` in
+    ``percentiles`` (ROAD, Rong et al. 2022, sec. 4): the most relevant first (``order="morf"``: a faithful map
+    makes the score fall fast) or the least (``"lerf"``: it stays). The removed pixels (every channel) take the
+    noisy linear imputation of :mod:`camcore.imputation` (weighted mean of the 8 neighbours, solved to a
+    relative residual ``tol``, plus ``noise * N(0, 1)`` drawn by NumPy from ``(seed, sample, percentile)``: the
+    same on every backend). ``cams``: ``(B, H, W)`` maps at the inputs' size; ties are removed by position.
+    Images and their imputations are built ``batch_size`` rows at a time, in the inputs' framework and device."""
+    if order not in ROAD_ORDERS[:2]:
+        raise ValueError(f"order: expected 'morf' or 'lerf', got {order!r}")
+    engine, x, cams, checked, classes, last = _setup(model, inputs, cams, targets, model_mode, data_format,
+                                                      batch_size)
+    if x.ndim != 4:
+        raise ValueError(f"inputs: ROAD imputes images, (B, C, H, W) or (B, H, W, C); got shape {tuple(x.shape)}")
+    xp = array_namespace(x)
+    b, size = cams.shape[0], cams.shape[1:]
+    counts = _removed_counts(percentiles, int(np.prod(size)))
+    rank = _ranks(cams, descending=order == "morf")
+    jobs = [(i, j) for i in range(b) for j in range(len(counts))]
+    images = xp.permute_dims(x, (0, 3, 1, 2)) if last else x
+
+    def chunks():
+        for start in range(0, len(jobs), batch_size):
+            part = jobs[start : start + batch_size]
+            removed = np.stack([(rank[i] < counts[j]).reshape(size) for i, j in part])
+            sample = xp.asarray(np.asarray([i for i, _ in part]), device=device(x))
+            out = noisy_linear_imputation(xp.take(images, sample, axis=0), xp.asarray(removed, device=device(x)),
+                                          noise=noise, seed=[(seed, i, j) for i, j in part], tol=tol)
+            yield xp.permute_dims(out, (0, 2, 3, 1)) if last else out
+
+    per_row = None if classes is None else [classes[i] for i, _ in jobs]
+    return _scores(engine, chunks(), len(jobs), per_row, checked, progress).reshape(b, len(counts))
+
+
+def road(model, inputs, cams, *, order: str = "morf", **options) -> np.ndarray:
+    """``(B,)`` ROAD's score of each map, the mean over the percentiles of :func:`road_curve`: ``"morf"`` (lower is
+    more faithful), ``"lerf"`` (higher is), or ``"combined"``, the mean of ``(LeRF - MoRF) / 2`` (higher is;
+    pytorch-grad-cam's ``ROADCombined``)."""
+    if order not in ROAD_ORDERS:
+        raise ValueError(f"order: expected one of {ROAD_ORDERS}, got {order!r}")
+    if order != "combined":
+        return road_curve(model, inputs, cams, order=order, **options).mean(axis=1)
+    lerf = road_curve(model, inputs, cams, order="lerf", **options)
+    return ((lerf - road_curve(model, inputs, cams, order="morf", **options)) / 2).mean(axis=1)
+
+
 def _confidences(model, inputs, cams, targets, model_mode, data_format):
     """``(Y, O)``: the target's probability on the images and on the images times their maps."""
     engine, x, cams, checked, classes, last = _setup(model, inputs, cams, targets, model_mode, data_format, 1)
@@ -168,8 +246,8 @@ def _confidences(model, inputs, cams, targets, model_mode, data_format):
     if float(cams.min()) < 0 or float(cams.max()) > 1:
         raise ValueError("cams: expected normalised maps in [0, 1] (explain's default normalize=True)")
     explained = x * xp.astype(xp.expand_dims(m, axis=-1 if last else 1), x.dtype)
-    scores = _scores(engine, xp.concat([x, explained]), None if classes is None else classes * 2, checked,
-                     2 * x.shape[0], False)
+    scores = _scores(engine, [xp.concat([x, explained])], 2 * x.shape[0], None if classes is None else classes * 2,
+                     checked, False)
     return scores[: x.shape[0]], scores[x.shape[0]:]
 
 

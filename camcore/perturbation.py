@@ -132,15 +132,15 @@ class Chunker:
             self._best, self.size = (self.size, per), 2 * self.size
 
 
-def progress_bar(total: int, progress):
-    """A tqdm bar over ``total`` masked forwards when ``progress`` is True, or None and stderr is a terminal;
-    else a no-op object with ``update``/``close``."""
+def progress_bar(total: int, progress, unit: str = "mask"):
+    """A tqdm bar over ``total`` forwards (of ``unit``) when ``progress`` is True, or None and stderr is a
+    terminal; else a no-op object with ``update``/``close``."""
     show = progress if progress is not None else sys.stderr.isatty()
     if not show:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="camcore", unit="mask", leave=False)
+    return tqdm(total=total, desc="camcore", unit=unit, leave=False)
 
 
 class _NoBar:

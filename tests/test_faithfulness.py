@@ -103,7 +103,7 @@ def test_bad_arguments_are_named(linear):
 
 def test_the_same_metric_on_every_backend():
     """The contract CNN on torch, Keras and Flax with one set of weights: the same deletion curve (zeros and blur
-    baselines) and average drop, the maps given once."""
+    baselines), average drop and ROAD curves (noise included: drawn on the host), the maps given once."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("flax")
     import contract_models as cm
@@ -116,7 +116,9 @@ def test_the_same_metric_on_every_backend():
         got[name] = (F.deletion_curve(kind.model, kind.x(), cams, targets=[2, 0, 1], steps=4),
                      F.deletion_curve(kind.model, kind.x(), cams, targets=[2, 0, 1], steps=4, baseline="blur",
                                       insertion=True),
-                     F.average_drop(kind.model, kind.x(), cams, targets=[2, 0, 1]))
+                     F.average_drop(kind.model, kind.x(), cams, targets=[2, 0, 1]),
+                     *(F.road_curve(kind.model, kind.x(), cams, targets=[2, 0, 1], order=o, percentiles=[25, 75])
+                       for o in ("morf", "lerf")))
     for name in ("keras", "linen"):
         for a, b in zip(got[name], got["torch"]):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
