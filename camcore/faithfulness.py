@@ -21,6 +21,7 @@ __all__ = ["deletion_auc", "insertion_auc", "deletion_curve", "road_curve", "roa
 BASELINES = ("zeros", "mean", "blur")
 ROAD_ORDERS = ("morf", "lerf", "combined")
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+IMPUTE_ROWS = 8  # images imputed together: the solver's arrays stay in the CPU's caches (32: 2x slower per image)
 
 
 def _engine(model, model_mode, data_format, batch_size):
@@ -216,11 +217,14 @@ def road_curve(model, inputs, cams, *, targets=None, order: str = "morf", percen
     def chunks():
         for start in range(0, len(jobs), batch_size):
             part = jobs[start : start + batch_size]
-            removed = np.stack([(rank[i] < counts[j]).reshape(size) for i, j in part])
-            sample = xp.asarray(np.asarray([i for i, _ in part]), device=device(x))
-            out = noisy_linear_imputation(xp.take(images, sample, axis=0), xp.asarray(removed, device=device(x)),
-                                          noise=noise, seed=[(seed, i, j) for i, j in part], tol=tol)
+            out = xp.concat([impute(part[k : k + IMPUTE_ROWS]) for k in range(0, len(part), IMPUTE_ROWS)])
             yield xp.permute_dims(out, (0, 2, 3, 1)) if last else out
+
+    def impute(part):
+        removed = np.stack([(rank[i] < counts[j]).reshape(size) for i, j in part])
+        sample = xp.asarray(np.asarray([i for i, _ in part]), device=device(x))
+        return noisy_linear_imputation(xp.take(images, sample, axis=0), xp.asarray(removed, device=device(x)),
+                                       noise=noise, seed=[(seed, i, j) for i, j in part], tol=tol)
 
     per_row = None if classes is None else [classes[i] for i, _ in jobs]
     return _scores(engine, chunks(), len(jobs), per_row, checked, progress).reshape(b, len(counts))

@@ -75,12 +75,11 @@ def _pad_even(a):
 
 
 def _restrict(a, op):
-    """``(..., H, W)`` -> ``(..., ceil(H/2), ceil(W/2))``: ``op`` (``sum``, ``min``) over each 2x2 block."""
-    xp = array_namespace(a)
+    """``(..., H, W)`` -> ``(..., ceil(H/2), ceil(W/2))``: ``op`` (``xp.add``, ``xp.minimum``) over each 2x2
+    block."""
     a = _pad_even(a)
-    h, w = a.shape[-2:]
-    blocks = xp.reshape(a, tuple(a.shape[:-2]) + (h // 2, 2, w // 2, 2))
-    return op(blocks, axis=(-3, -1))
+    a = op(a[..., 0::2, :], a[..., 1::2, :])
+    return op(a[..., 0::2], a[..., 1::2])
 
 
 def _prolong(e, shape):
@@ -97,7 +96,7 @@ def _levels(free, coarsest: int = 4):
     xp = array_namespace(free)
     levels = [_level(free)]
     while min(levels[-1][0].shape[-2:]) > coarsest:
-        levels.append(_level(_restrict(levels[-1][0], xp.min)))
+        levels.append(_level(_restrict(levels[-1][0], xp.minimum)))
     return tuple(levels)
 
 
@@ -114,7 +113,7 @@ def _vcycle(levels, r, k: int = 0, sweeps: int = 2):
     for _ in range(sweeps - 1):
         z = _smooth(level, z, inv_r)
     xp = array_namespace(r)
-    coarse = _vcycle(levels, _restrict(r - _apply(level, z), xp.sum), k + 1, sweeps)
+    coarse = _vcycle(levels, _restrict(r - _apply(level, z), xp.add), k + 1, sweeps)
     z = z + level[0] * _prolong(coarse, tuple(r.shape[-2:]))
     for _ in range(sweeps):
         z = _smooth(level, z, inv_r)

@@ -54,6 +54,10 @@ def _gauss(x, sigma: float, radius: int, axis: int):
     return out
 
 
+def _radius(sigma: float) -> int:
+    return int(3.5 * sigma + 0.5)
+
+
 def ssim(a, b, *, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
     """``(B,)`` mean structural similarity of each pair of ``(H, W)`` maps (Wang et al. 2004): local means,
     variances and covariance under a Gaussian window (``sigma`` 1.5, radius ``3.5 sigma``), ``C1 = (0.01 L)^2``,
@@ -61,7 +65,7 @@ def ssim(a, b, *, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
     a, b = _pair(a, b)
     if a.ndim != 3:
         raise ValueError(f"maps: ssim compares (B, H, W) maps, got shape {a.shape}")
-    radius = int(3.5 * sigma + 0.5)
+    radius = _radius(sigma)
     if min(a.shape[1:]) <= 2 * radius:
         raise ValueError(f"maps: ssim needs maps larger than its {2 * radius + 1}-pixel window, got {a.shape[1:]}")
 
@@ -76,7 +80,7 @@ def ssim(a, b, *, data_range: float = 1.0, sigma: float = 1.5) -> np.ndarray:
 
 
 def randomization_check(model, inputs, *, method: str, layer=None, targets=None, layers=None, cascade: bool = True,
-                        seed: int = 0, model_mode: str = "eval", data_format=None, **options) -> dict:
+                        seed: int = 0, model_mode: str = "eval", data_format=None, progress=None, **options) -> dict:
     """The model-parameter randomisation test: maps of ``method`` on copies of ``model`` whose layers are re-drawn
     (:meth:`Engine.randomized`: Gaussian noise of each parameter's own RMS), compared with the maps of the model.
 
@@ -85,11 +89,14 @@ def randomization_check(model, inputs, *, method: str, layer=None, targets=None,
     ``k`` randomises ``layers[:k + 1]`` (the cascading test); ``False``: ``layers[k]`` alone (independent). Targets
     are fixed to the model's own classes (``targets=None``: its top class per sample), so every step explains the
     same class. ``options`` go to :func:`camcore.explain`. Returns ``{"layers": the names of each step,
-    "spearman": (steps, B), "ssim": (steps, B)}`` (SSIM for 2-D maps only; ``None`` otherwise). A method that
-    passes loses similarity as the model loses its weights. The model itself is never changed."""
+    "spearman": (steps, B), "ssim": (steps, B)}`` (SSIM for 2-D maps larger than its 11-pixel window only;
+    ``None`` otherwise). A method that
+    passes loses similarity as the model loses its weights. The model itself is never changed. ``progress``: a bar
+    over the steps (default: when stderr is a terminal)."""
     from camcore.backends import adapter_for  # here: camcore imports no framework
 
     from .explain import explain
+    from .perturbation import progress_bar
     from .targets import check_targets, class_indices
 
     engine = adapter_for(model, model_mode=model_mode, data_format=data_format)
@@ -118,12 +125,17 @@ def randomization_check(model, inputs, *, method: str, layer=None, targets=None,
         return np.divide(m - lo, span, out=np.zeros_like(m), where=span > 0)
 
     reference = as_maps(explain(model, inputs, **kwargs))
-    steps, rho, sim = [], [], []
-    for k, group in enumerate(groups):
-        chosen = [n for g in groups[: k + 1] for n in g] if cascade else group
-        twin = engine.randomized(chosen, seed=seed + k)
-        maps = as_maps(explain(twin, inputs, **kwargs))
-        steps.append(group)
-        rho.append(spearman(reference, maps))
-        sim.append(ssim(reference, maps) if maps.ndim == 3 else None)
+    steps, rho, sim, bar = [], [], [], progress_bar(len(groups), progress, unit="model")
+    try:
+        for k, group in enumerate(groups):
+            chosen = [n for g in groups[: k + 1] for n in g] if cascade else group
+            twin = engine.randomized(chosen, seed=seed + k)
+            maps = as_maps(explain(twin, inputs, **kwargs))
+            steps.append(group)
+            rho.append(spearman(reference, maps))
+            fits = maps.ndim == 3 and min(maps.shape[1:]) > 2 * _radius(1.5)
+            sim.append(ssim(reference, maps) if fits else None)
+            bar.update()
+    finally:
+        bar.close()
     return {"layers": steps, "spearman": np.stack(rho), "ssim": None if sim[0] is None else np.stack(sim)}

@@ -76,3 +76,23 @@ def test_gradcam_decorrelates_and_guided_backprop_does_not(effnet, photo_batch):
     single = metrics.randomization_check(effnet, x, method="gradcam", layer="_conv_head", layers=["_blocks.15"],
                                          targets=targets, cascade=False)
     assert single["spearman"].shape == (1, 2) and np.all(np.abs(single["spearman"]) < 0.5)  # the map needs it
+
+
+def test_model_based_metrics_show_progress_bars(capsys):
+    """``progress=True``: a bar over the randomised models, and over the images scored by the faithfulness
+    metrics (tqdm on stderr); ``progress=False``: nothing. The contract CNN's 8 x 8 maps are smaller than SSIM's
+    window: the check gives Spearman alone."""
+    from camcore import metrics
+
+    kind = cm.build("torch", cm.weights())
+    cams = np.random.default_rng(0).uniform(size=(cm.B, cm.H, cm.W))
+    runs = {"image": lambda p: metrics.road_curve(kind.model, kind.x(), cams, percentiles=[50], progress=p),
+            "model": lambda p: metrics.randomization_check(kind.model, kind.x(), method="gradcam", layer="conv2",
+                                                           progress=p)}
+    for unit, run in runs.items():
+        run(False)
+        assert capsys.readouterr().err == ""
+        out = run(True)
+        err = capsys.readouterr().err
+        assert "camcore" in err and unit in err, err
+    assert out["ssim"] is None and out["spearman"].shape[1] == cm.B
