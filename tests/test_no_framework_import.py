@@ -14,7 +14,7 @@ FRAMEWORKS = ["torch", "tensorflow", "jax", "keras", "flax", "matplotlib", "cv2"
 _PROBE = r"""
 import json, sys
 import camcore
-import camcore.weights, camcore.maps, camcore.targets, camcore.tokens, camcore.backends, camcore.metrics
+import camcore.weights, camcore.maps, camcore.targets, camcore.tokens, camcore.backends, camcore.metrics, camcore.consistency
 after_import = sorted({m.split('.')[0] for m in sys.modules} & set(FRAMEWORKS))
 if USE_CORE:
     import numpy as np
