@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["overlay", "guided_image", "caption", "save_png"]
+__all__ = ["overlay", "guided_image", "caption", "save_png", "png_bytes"]
 
 
 def overlay(image, cam, /, *, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
@@ -62,8 +62,18 @@ def caption(rgb, text: str, /, *, height: int = 24) -> np.ndarray:
     return np.concatenate([band.astype(np.float32) / 255.0, rgb], axis=0)
 
 
-def save_png(path, rgb) -> None:
-    """Write an ``(H, W, 3)`` float image in ``[0, 1]`` to ``path`` as PNG."""
+def png_bytes(rgb) -> bytes:
+    """An ``(H, W, 3)`` float image in ``[0, 1]`` encoded as PNG."""
+    import io
+
     from matplotlib import image as mpimg
 
-    mpimg.imsave(path, np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0))
+    buf = io.BytesIO()
+    mpimg.imsave(buf, np.clip(np.asarray(rgb, dtype=np.float32), 0.0, 1.0), format="png")
+    return buf.getvalue()
+
+
+def save_png(path, rgb) -> None:
+    """Write an ``(H, W, 3)`` float image in ``[0, 1]`` to ``path`` as PNG."""
+    with open(path, "wb") as f:
+        f.write(png_bytes(rgb))
