@@ -16,7 +16,7 @@ import traceback
 
 import numpy as np
 
-from .loaders import PRESETS, UsageError
+from .loaders import PRESETS, UsageError, model_kind
 
 __all__ = ["main", "build_parser"]
 
@@ -122,9 +122,12 @@ def main(argv=None) -> int:
     """Run the command; returns the exit status (the console script exits with it)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
-    specs = getattr(args, "models", None) or [getattr(args, "model", "")]
     try:
-        if args.command == "demo" or any(_torch_kind(s) for s in specs):
+        kinds = [model_kind(s) for s in (getattr(args, "models", None) or [getattr(args, "model", None)]) if s]
+        for image in getattr(args, "images", None) or ():
+            if not pathlib.Path(image).is_file():
+                raise UsageError(f"IMAGE: no such file: {image!r}")
+        if args.command == "demo" or any(k != "keras" for k in kinds):
             _import_torch_first()  # before any model file brings TensorFlow in
         return _COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:
@@ -207,10 +210,6 @@ class _Run:
         from .demo import _host_first
 
         return _host_first(maps, self.layout == "channels_last")
-
-
-def _torch_kind(spec: str) -> bool:
-    return pathlib.Path(spec).suffix.lower() in (".pt2", ".onnx", ".pt", ".ts", ".torchscript") or ":" in spec
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

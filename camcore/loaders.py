@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["UsageError", "Loaded", "MODEL_KINDS", "PRESETS", "load_model", "load_images", "parse_size",
+__all__ = ["UsageError", "Loaded", "MODEL_KINDS", "PRESETS", "model_kind", "load_model", "load_images", "parse_size",
            "class_names", "parse_target"]
 
 MODEL_KINDS = ("a .keras file (Keras 3), a .pt2 file (torch.export), a TorchScript file (.pt, .ts, .torchscript), "
@@ -54,16 +54,30 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loaded:
-    """The model a ``MODEL`` argument names (see the module docstring). ``size``/``channels``: the inputs a
-    TorchScript file is traced with on its way to ONNX."""
+def model_kind(spec: str) -> str:
+    """What a ``MODEL`` argument is, checked without importing anything: ``"entry point"``, or the file's kind
+    (``"keras"``, ``"torch.export"``, ``"torchscript"``, ``"onnx"``); :class:`UsageError` otherwise."""
     path = pathlib.Path(spec)
     if not path.exists() and _ENTRY_POINT.match(spec):
-        return _entry_point(spec)
+        return "entry point"
     if not path.exists():
         raise UsageError(f"MODEL: no such file: {spec!r} (expected {MODEL_KINDS})")
     if path.is_dir():
         raise UsageError(f"MODEL: {spec!r} is a folder; expected {MODEL_KINDS}")
+    suffix = path.suffix.lower()
+    kinds = {".keras": "keras", ".pt2": "torch.export", ".onnx": "onnx", **{s: "torchscript" for s in TORCHSCRIPT}}
+    if suffix not in kinds:
+        raise UsageError(f"MODEL: {spec!r} is a model file of an unknown kind ({suffix or 'no extension'}); "
+                         f"expected {MODEL_KINDS}")
+    return kinds[suffix]
+
+
+def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loaded:
+    """The model a ``MODEL`` argument names (see the module docstring). ``size``/``channels``: the inputs a
+    TorchScript file is traced with on its way to ONNX."""
+    if model_kind(spec) == "entry point":
+        return _entry_point(spec)
+    path = pathlib.Path(spec)
     suffix = path.suffix.lower()
     if suffix == ".keras":
         kind, loader, needs = "keras", _keras, "tensorflow and keras (pip install 'camcore[tensorflow]')"
@@ -71,11 +85,8 @@ def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loa
         kind, loader, needs = "torch.export", _exported, "torch (pip install 'camcore[torch]')"
     elif suffix in TORCHSCRIPT:
         kind, loader, needs = "torchscript", _torchscript, "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
-    elif suffix == ".onnx":
-        kind, loader, needs = "onnx", _onnx, "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
     else:
-        raise UsageError(f"MODEL: {spec!r} is a model file of an unknown kind ({suffix or 'no extension'}); "
-                         f"expected {MODEL_KINDS}")
+        kind, loader, needs = "onnx", _onnx, "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
     try:
         model, note = loader(path, size, channels)
     except ImportError as err:

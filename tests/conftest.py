@@ -52,3 +52,16 @@ def photo_batch(photos):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def demo_result(tmp_path_factory):
+    """``camcore demo`` run once in-process on the three backends with two methods: ``demo.run``'s result, and its
+    output folder as ``result["out"]``."""
+    from camcore import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    lines = []
+    result = demo.run(out, backends=("torch", "keras", "jax"), methods=["gradcam", "guided-gradcam"],
+                      log=lines.append)
+    return {**result, "out": out, "printed": "\n".join(lines)}

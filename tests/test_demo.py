@@ -44,15 +44,12 @@ def test_demo_targets_are_ranked_high_and_boxes_lie_in_the_photos(effnet, photo_
         assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
 
 
-def test_demo_on_every_backend_labels_every_picture_and_reports_their_agreement(tmp_path, effnet, photo_batch):
+def test_demo_on_every_backend_labels_every_picture_and_reports_their_agreement(demo_result, effnet, photo_batch):
     """``camcore demo`` in-process on the three backends (two methods): each picture names the method and the
     class, the maps agree across backends, and the report holds every grid, the metrics and the consistency."""
     from matplotlib import image
 
-    lines = []
-    got = demo.run(tmp_path, backends=("torch", "keras", "jax"), methods=["gradcam", "guided-gradcam"],
-                   log=lines.append)
-    printed = "\n".join(lines)
+    got, printed, tmp_path = demo_result, demo_result["printed"], demo_result["out"]
     for cls in ("tabby cat", "espresso", "barbell", "missile"):
         assert cls in printed
     for backend in ("torch", "keras", "jax"):

@@ -310,3 +310,25 @@ def test_jpeg_pictures_are_smaller_and_close_to_the_picture(photos):
     assert 'width="48" height="64"' in jpeg
     with pytest.raises(ValueError, match=r"picture_format: expected one of \('jpeg', 'png'\), got 'gif'"):
         report.render("t", picture_format="gif")
+
+
+def test_the_demos_report_renders_with_every_picture_and_table(chromium, demo_result, tmp_path):
+    """The real thing: ``camcore demo``'s report (three backends, two methods, the pretrained model and photos)
+    in Chromium: every picture decoded, the metrics, consistency and environment tables there; a screenshot
+    kept as ``test-artifacts/demo-report-1280.png``."""
+    from camcore import demo
+
+    got = demo_result
+    page = _Page(_chromium(chromium, tmp_path / "profile", "--window-size=1280,900", "--dump-dom",
+                           got["report"].as_uri()).stdout)
+    expected = 3 * len(demo.PHOTOS) * 3  # backends x photos x (photo with its box + 2 methods)
+    assert page.body.get("data-images-loaded") == f"{expected}/{expected}"
+    assert page.body.get("data-page-overflow") == "no"
+    for header in ("photo, box", "gradcam", "guided-gradcam", "energy pointing game", "deletion AUC (lower: better)",
+                   "torch s", "keras s", "jax s", "correlation", "top-1 agreement", "name", "value"):
+        assert header in page.th, f"header cell {header!r} missing"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "demo-report-1280.png"
+    _chromium(chromium, tmp_path / "profile", "--window-size=1280,2400", f"--screenshot={shot}",
+              got["report"].as_uri())
+    assert shot.stat().st_size > 100_000
