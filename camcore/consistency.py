@@ -62,19 +62,19 @@ class _Model:
     x: object
 
 
-def _check_models(models, *, exactly: int | None = None) -> list:
-    """``[(name, model), ...]``; errors naming ``models``."""
-    want = "two models {name: model}" if exactly == 2 else "two or more models {name: model}"
+def _check_models(models, *, exactly: int | None = None, arg: str = "models", value: str = "model") -> list:
+    """``[(name, model), ...]``; errors naming the argument ``arg``."""
+    want = f"two models {{name: {value}}}" if exactly == 2 else f"two or more models {{name: {value}}}"
     if not isinstance(models, Mapping):
-        raise TypeError(f"models: expected a mapping of {want}, the first the reference; got "
+        raise TypeError(f"{arg}: expected a mapping of {want}, the first the reference; got "
                         f"{type(models).__name__}")
     items = list(models.items())
     if len(items) < 2 or (exactly is not None and len(items) != exactly):
-        raise ValueError(f"models: expected {want}, the first the reference; got {len(items)}: "
+        raise ValueError(f"{arg}: expected {want}, the first the reference; got {len(items)}: "
                          f"{[k for k, _ in items]}")
     bad = [k for k, _ in items if not isinstance(k, str)]
     if bad:
-        raise TypeError(f"models: expected str names, got {bad[0]!r}")
+        raise TypeError(f"{arg}: expected str names, got {bad[0]!r}")
     return items
 
 
@@ -437,7 +437,11 @@ def from_maps(maps, *, layers=None, outputs=None, tolerance: float = MAP_TOLERAN
         outputs: ``{model: (B, K) outputs}`` to compare too.
         layouts: ``{model: layout}`` for the summary.
     """
-    items = _check_models(maps)
+    items = _check_models(maps, arg="maps", value="{method: maps}")
+    for name, per_method in items:
+        if not isinstance(per_method, Mapping):
+            raise TypeError(f"maps: model {name!r}: expected a mapping {{method: maps}}, got "
+                            f"{type(per_method).__name__}")
     tolerance = _check_tolerance(tolerance)
     layers = layers or {}
     (ref_name, ref), rows = items[0], []

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 __all__ = ["PHOTOS", "TARGETS", "OBJECT_BOXES", "BACKENDS", "load_model", "load_photo", "to_tensor", "installed",
-           "demo_options", "run", "main"]
+           "demo_options", "metric_maps", "run", "main"]
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image's bundled photos
 # the ImageNet class each photo is explained for: the right one where the model ranks it in its top 3 (tabby cat
@@ -239,6 +239,13 @@ def _outputs(backend, net, xb):
     return np.asarray(to_host(module.apply(variables, xb)))
 
 
+def metric_maps(maps) -> np.ndarray:
+    """Host maps as the metrics take them, ``(B, H, W)`` with each sample's maximum 1: CAM maps as they are,
+    input-shaped ones ``(B, C, H, W)`` (input gradients, guided maps) by ``|g|`` summed over channels."""
+    cam = np.abs(maps).sum(axis=1) if maps.ndim == 4 else np.asarray(maps)
+    return cam / np.maximum(cam.reshape(len(cam), -1).max(axis=1), 1e-12)[:, None, None]
+
+
 def _metrics(model, x, maps, targets, seconds, steps, log):
     """The report's table: per method, the torch maps' localisation (energy pointing game and pointing game
     against :data:`OBJECT_BOXES`) and faithfulness (deletion and insertion AUC of ``steps`` steps), with the time
@@ -251,8 +258,7 @@ def _metrics(model, x, maps, targets, seconds, steps, log):
     rows = []
     t0 = time.perf_counter()
     for method, m in maps.items():
-        cam = np.abs(m).sum(axis=1) if m.ndim == 4 else m
-        cam = cam / np.maximum(cam.reshape(len(cam), -1).max(axis=1), 1e-12)[:, None, None]
+        cam = metric_maps(m)
         row = [method, float(M.energy_pointing_game(cam, boxes).mean()), int(M.pointing_game(cam, boxes).sum()),
                float(M.deletion_auc(model, x, cam, targets=targets, steps=steps).mean()),
                float(M.insertion_auc(model, x, cam, targets=targets, steps=steps).mean())]

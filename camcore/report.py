@@ -1,6 +1,6 @@
-"""A self-contained HTML report: one file, pictures embedded as base64 PNG data URIs, inline CSS and a tiny inline
-script, no external resources. Framework-free (imports no torch / tensorflow / jax); encoding arrays as PNG needs
-``matplotlib`` (extra ``viz``), imported only when a picture is an array.
+"""A self-contained HTML report: one file, pictures embedded as base64 data URIs (JPEG by default, PNG on request),
+inline CSS and a tiny inline script, no external resources. Framework-free (imports no torch / tensorflow / jax);
+encoding arrays needs Pillow and ``matplotlib`` (extra ``viz``), imported only when a picture is an array.
 
 ``write("report.html", "Title", grids=[Grid(...)], tables=[Table(...)], sections=[fragment])`` is the one call.
 """

@@ -81,7 +81,17 @@ def files(tmp_path_factory, photos):
     image.imsave(d / "coffee.jpg", (photos[1] * 255).astype(np.uint8), format="jpeg")
     (d / "broken.png").write_bytes(b"not a png at all")
     (d / "model.h5").write_bytes(b"\x89HDF\r\n")
+    torch.save({"w": torch.zeros(2)}, d / "weights.pth")
     (d / "entry.py").write_text(ENTRY_POINTS)
+    (d / "labels.txt").write_text("\n".join(f"thing {i}" for i in range(10)))
+    (d / "twice.txt").write_text("\n".join(f"thing {min(i, 8)}" for i in range(10)))  # "thing 8" twice
+    (d / "copy").mkdir()
+    image.imsave(d / "copy" / "chelsea.png", photos[0])
+    rgba = np.concatenate([photos[2], np.linspace(0, 1, photos[2].shape[1])[None, :, None].repeat(224, 0)], axis=2)
+    image.imsave(d / "translucent.png", rgba)  # a fading alpha: composited over white
+    from PIL import Image
+
+    Image.fromarray((photos[3][..., 0] * 65535).astype(np.uint16)).save(d / "gray16.png")  # 16-bit gray
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.zeros(2, 3, SIZE, SIZE)
@@ -144,8 +154,9 @@ def test_explain_reads_every_model_kind_and_its_maps_are_the_models(files, kind,
     assert (tmp_path / "chelsea_gradcam.png").is_file() and (tmp_path / "coffee_gradcam.png").is_file()
     saved = np.load(tmp_path / "gradcam.npz")
     assert saved["maps"].shape == (2, SIZE, SIZE) and list(saved["images"]) == ["chelsea", "coffee"]
-    for line, stem in zip(done.stdout.splitlines()[:2], ("chelsea", "coffee")):
-        assert line.startswith(f"{stem}: class ") and "score " in line and "p=" in line, done.stdout
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("chelsea: ", "coffee: "))]
+    for line, stem in zip(lines, ("chelsea", "coffee"), strict=True):
+        assert line.startswith(f"{stem}: class ") and ": score " in line and "p=" in line, done.stdout
     # the same maps from the original model object, in this process
     targets = saved["targets"].tolist()
     if kind in ("pt2", "torchscript", "onnx"):
@@ -169,13 +180,11 @@ def test_explain_by_class_name_and_gradient_free_and_guided(files, tmp_path):
     d = files["dir"]
     done = camcore_cli("explain", "net.pt2", "chelsea.png", "--method", "scorecam", "--size", SIZE, "--target", "3",
                        "--out", tmp_path, cwd=d)
-    assert done.stdout.startswith("chelsea: class 3 (class 3)")
-    labels = d / "labels.txt"
-    labels.write_text("\n".join(f"thing {i}" for i in range(10)))
-    done = camcore_cli("explain", "net.pt2", "chelsea.png", "--method", "guided-backprop", "--size", SIZE,
-                       "--target", "Thing 7", "--labels", labels, "--out", tmp_path, cwd=d)
-    assert done.stdout.startswith("chelsea: thing 7 (class 7)")
-    assert np.load(tmp_path / "guided-backprop.npz")["maps"].shape == (1, 3, SIZE, SIZE)
+    assert done.stdout.startswith("chelsea: class 3: score ")
+    done = camcore_cli("explain", "net.pt2", "translucent.png", "gray16.png", "--method", "guided-backprop",
+                       "--size", SIZE, "--target", "Thing 7", "--labels", "labels.txt", "--out", tmp_path, cwd=d)
+    assert done.stdout.startswith("translucent: thing 7 (class 7): score ")
+    assert np.load(tmp_path / "guided-backprop.npz")["maps"].shape == (2, 3, SIZE, SIZE)
 
 
 # ------------------------------------------------------------------------------- the other subcommands
@@ -252,6 +261,21 @@ BAD = {
     "raising entry point": (["layers", "entry:broken"], "entry:broken() raised RuntimeError: no weights here"),
     "unknown class name": (["explain", "net.pt2", "chelsea.png", "--method", "gradcam", "--size", str(SIZE),
                             "--target", "cat"], "--target: 'cat' is not a class index"),
+    "ambiguous class name": (["explain", "net.pt2", "chelsea.png", "--method", "gradcam", "--size", str(SIZE),
+                              "--labels", "twice.txt", "--target", "thing 8"],
+                             "--target: 'thing 8' names classes 8, 9; give the index"),
+    "layer of an input gradient": (["explain", "net.pt2", "chelsea.png", "--method", "guided-backprop", "--layer",
+                                    "features.2"], "--layer: 'guided-backprop' is a gradient with respect to the "
+                                                   "inputs and takes no layer"),
+    "top-k of a gradient method": (["explain", "net.pt2", "chelsea.png", "--method", "gradcam", "--top-k", "8"],
+                                   "--top-k: only the Score-CAM family (scorecam, sscam, iscam) takes it"),
+    "images of one name": (["explain", "net.pt2", "chelsea.png", "copy/chelsea.png", "--method", "gradcam"],
+                           "share the name 'chelsea', so their pictures would overwrite each other"),
+    "out is a file": (["explain", "net.pt2", "chelsea.png", "--method", "gradcam", "--out", "labels.txt"],
+                      "--out: 'labels.txt' exists and is not a folder"),
+    "steps of zero": (["compare", "net.pt2", "chelsea.png", "--steps", "0"],
+                      "argument --steps: expected a positive integer, got '0'"),
+    "state dict file": (["layers", "weights.pth"], "a .pth file usually holds a state dict"),
 }
 
 

@@ -289,5 +289,7 @@ def test_from_maps_tabulates_maps_computed_elsewhere():
         C.from_maps({"a": {"gradcam": ref}, "b": {"layercam": ref}})
     with pytest.raises(ValueError, match=r"maps: 'gradcam' maps of 'b' are \(2, 7\), the reference's \(2, 7, 7\)"):
         C.from_maps({"a": {"gradcam": ref}, "b": {"gradcam": ref[:, 0]}})
-    with pytest.raises(ValueError, match=r"models: expected two or more models"):
+    with pytest.raises(ValueError, match=r"maps: expected two or more models \{name: \{method: maps\}\}"):
         C.from_maps({"a": {"gradcam": ref}})
+    with pytest.raises(TypeError, match=r"maps: model 'b': expected a mapping \{method: maps\}, got ndarray"):
+        C.from_maps({"a": {"gradcam": ref}, "b": ref})
