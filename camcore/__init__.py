@@ -12,3 +12,13 @@ from .tokens import tokens_to_grid
 
 __version__ = "0.1.0"
 __all__ = ["explain", "Explainer", "METHODS", "tokens_to_grid", "maps", "targets", "weights", "__version__"]
+# the other public modules, imported on first use (``camcore.consistency.compare(...)`` after ``import camcore``)
+_LAZY = ("consistency", "metrics", "viz", "report", "loaders", "perturbation", "ports", "demo", "cli")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'camcore' has no attribute {name!r}")

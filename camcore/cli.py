@@ -397,11 +397,12 @@ def _layers_command(args) -> int:
     maps = [name for name, (_, shape) in calls if engine.is_feature_map(shape, rank)]
     print(f"{args.model} ({run.kind}, {run.layout} inputs {tuple(run.inputs.shape)}): {len(calls)} layers; shapes "
           "channels-first, at each layer's last call")
-    for name, (_, shape) in calls:
+    shown = [(name, shape) for name, (_, shape) in calls if args.all or engine.is_feature_map(shape, rank)]
+    width = max((len(name) for name, _ in shown), default=0)
+    for name, shape in shown:
         cam = engine.is_feature_map(shape, rank)
-        if cam or args.all:
-            mark = "default CAM layer" if maps and name == maps[-1] else "CAM layer" if cam else ""
-            print(f"  {name:<48} {str(tuple(shape)):<22} {mark}")
+        mark = "default CAM layer" if maps and name == maps[-1] else "CAM layer" if cam else ""
+        print(f"  {name:<{width}}  {str(tuple(shape)):<20} {mark}".rstrip())
     if not args.all:
         print("(feature maps only; --all lists every layer)")
     return 0
