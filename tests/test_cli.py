@@ -190,13 +190,12 @@ def test_explain_by_class_name_and_gradient_free_and_guided(files, tmp_path):
 # ------------------------------------------------------------------------------- the other subcommands
 def test_layers_lists_the_feature_maps_with_shapes_for_every_backend(files):
     d = files["dir"]
-    torch_out = camcore_cli("layers", "net.pt2", "--size", SIZE, cwd=d).stdout
-    assert "features.0" in torch_out and "(1, 16, 32, 32)" in torch_out
+    torch_out = camcore_cli("layers", "net.pt2", "--size", SIZE, "--all", cwd=d).stdout
+    rows = {ln.split()[0]: ln for ln in torch_out.splitlines()[1:] if ln.startswith("  ")}
+    assert "(1, 16, 32, 32)" in rows["features.2"] and rows["features.0"].endswith("CAM layer")
     # the default: the last layer call that outputs a feature map, the Sequential after its last ReLU
-    assert [ln for ln in torch_out.splitlines() if "default CAM layer" in ln][0].split()[0] == "features"
-    assert "features.3 " in torch_out
-    assert " fc " not in torch_out  # no feature map: only with --all
-    assert " fc " in camcore_cli("layers", "net.pt2", "--size", SIZE, "--all", cwd=d).stdout
+    assert rows["features"].endswith("default CAM layer") and rows["features.3"].endswith(" CAM layer")
+    assert rows["fc"].split()[1:] == ["(1,", "10)"]  # listed with --all, not a CAM layer
     keras_out = camcore_cli("layers", "net.keras", "--size", SIZE, cwd=d).stdout
     assert "channels_last" in keras_out and "conv2" in keras_out and "(1, 16, 32, 32)" in keras_out
     flax_out = camcore_cli("layers", "entry:flax_model", "--size", SIZE, cwd=d).stdout
