@@ -2,7 +2,7 @@
 
 Ablation-CAM needs the target score with each channel of a layer zeroed: ``C`` forward passes that all share the
 layers before the target. :func:`split_at` traces the model with ``torch.fx`` (the target module kept as one
-node), cuts the graph after the module's last call and builds two graph modules that share the model's own
+node; a ``torch.export.unflatten`` module of a ``.pt2`` program has its graph already), cuts the graph after the module's last call and builds two graph modules that share the model's own
 submodules and parameters (nothing is copied or changed):
 
 - ``prefix(x) -> (A, *frontier)``: the layer's activations and every other value the rest of the graph reads
@@ -40,7 +40,8 @@ def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphM
     changed in place by the tail, so each tail call needs its own copy) rather than a parameter or buffer.
     Raises whatever ``torch.fx`` raises for an untraceable model, or ``RuntimeError`` when the traced graph
     does not call ``module``."""
-    graph = _Tracer(module).trace(model)
+    program = _program_graph(model)
+    graph = _Tracer(module).trace(model) if program is None else program
     nodes = list(graph.nodes)
     calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and model.get_submodule(n.target) is module]
     if not calls:
@@ -63,8 +64,18 @@ def split_at(model: torch.nn.Module, module: torch.nn.Module) -> tuple[fx.GraphM
     tail = fx.Graph()
     env = {n: tail.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
     for n in rest:
-        env[n] = tail.node_copy(n, lambda a: env[a])
+        if n.op == "output" and program is not None and isinstance(n.args[0], (tuple, list)) and len(n.args[0]) == 1:
+            tail.output(env[n.args[0][0]])  # a program returns its flat outputs: one tensor, as its forward does
+        else:
+            env[n] = tail.node_copy(n, lambda a: env[a])
     return prefix_module, fx.GraphModule(model, tail), [n.op != "get_attr" for n in frontier[1:]]
+
+
+def _program_graph(model) -> fx.Graph | None:
+    """The graph of a ``torch.export.unflatten`` module (a loaded ``.pt2`` program): its forward flattens its
+    inputs with pytrees, which ``torch.fx`` cannot trace, but it runs this graph of its submodules' calls."""
+    graph = getattr(model, "graph", None)
+    return graph if type(model).__name__ == "UnflattenedModule" and isinstance(graph, fx.Graph) else None
 
 
 class Tail:

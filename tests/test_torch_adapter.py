@@ -582,3 +582,20 @@ def test_forward_masked_per_sample_masks_at_token_layer():
     expected = loop_masked(vit, x, masks, [1, 2], per_sample=True, layer=layer)
     got = TorchAdapter(vit).forward_masked(x, masks, at=layer, targets=[1, 2])
     close(got, expected)
+
+
+def test_ablation_cam_of_a_loaded_torch_export_program_runs_only_the_tail(tmp_path):
+    """A ``.pt2`` program, loaded and unflattened (what ``camcore explain model.pt2`` explains): torch.fx cannot
+    trace its forward, so the tail is cut from the program's own graph; same maps as the original module."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    torch.export.save(program, tmp_path / "net.pt2")
+    loaded = torch.export.unflatten(torch.export.load(tmp_path / "net.pt2"))
+    ref = camcore.explain(net, x, method="ablationcam", layer="2", targets=[1, 3], progress=False)
+    info = {}
+    got = camcore.explain(loaded, x, method="ablationcam", layer="2", targets=[1, 3], progress=False, info=info)
+    assert info["path"] == "tail" and "reason" not in info
+    assert torch.allclose(got, ref, atol=1e-6)
