@@ -98,11 +98,19 @@ def load_model(spec: str, *, size: tuple = (224, 224), channels: int = 3) -> Loa
 
 
 def _entry_point(spec: str) -> Loaded:
-    module_name, function = spec.split(":")
     cwd = str(pathlib.Path.cwd())
     added = "" not in sys.path and cwd not in sys.path
     if added:
-        sys.path.insert(0, cwd)  # as `python -m` does: modules of the working folder
+        sys.path.insert(0, cwd)  # as `python -m` does: modules of the working folder, while the model is built
+    try:
+        return _call_entry_point(spec)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _call_entry_point(spec: str) -> Loaded:
+    module_name, function = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -112,9 +120,6 @@ def _entry_point(spec: str) -> Loaded:
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_first_line(err)}") from err
     except Exception as err:
         raise UsageError(f"MODEL: importing {module_name!r} failed: {_first_line(err)}") from err
-    finally:
-        if added:
-            sys.path.remove(cwd)
     make = getattr(module, function, None)
     if not callable(make):
         names = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
@@ -140,7 +145,8 @@ def _exported(path, size, channels):
     names = set(program.graph_signature.user_inputs)
     for node in program.graph.nodes:
         val = node.meta.get("val")
-        if node.op == "placeholder" and node.name in names and hasattr(val, "shape") and isinstance(val.shape[0], int):
+        if (node.op == "placeholder" and node.name in names and len(getattr(val, "shape", ())) > 0
+                and isinstance(val.shape[0], int)):
             raise UsageError(f"MODEL: {str(path)!r} was exported with a static batch size of {val.shape[0]}; camcore "
                              "runs batches of masked copies: export with a dynamic batch, torch.export.export(model, "
                              "(x,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))")

@@ -22,11 +22,12 @@ SIZE = 64
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def camcore_cli(*args, cwd=None, check_rc=0):
-    """Run ``python -m camcore ARGS`` as a user would; returns the completed process."""
+def camcore_cli(*args, cwd=None, check_rc=0, script=False):
+    """Run ``python -m camcore ARGS`` (``script``: the ``camcore`` console script, which has no working folder on
+    ``sys.path``) as a user would; returns the completed process."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "camcore", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    command = [str(Path(sys.executable).parent / "camcore")] if script else [sys.executable, "-m", "camcore"]
+    done = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     if check_rc is not None:
         assert done.returncode == check_rc, (done.returncode, done.stdout[-3000:], done.stderr[-3000:])
     return done
@@ -68,6 +69,20 @@ def flax_model():
 
 def broken():
     raise RuntimeError("no weights here")
+
+
+def lazy():
+    """A model built by a module of the working folder that is imported only now, while the model is built."""
+    import entry_helper
+
+    return entry_helper.make()
+'''
+ENTRY_HELPER = '''
+def make():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
 '''
 
 
@@ -83,6 +98,7 @@ def files(tmp_path_factory, photos):
     (d / "model.h5").write_bytes(b"\x89HDF\r\n")
     torch.save({"w": torch.zeros(2)}, d / "weights.pth")
     (d / "entry.py").write_text(ENTRY_POINTS)
+    (d / "entry_helper.py").write_text(ENTRY_HELPER)
     (d / "labels.txt").write_text("\n".join(f"thing {i}" for i in range(10)))
     (d / "twice.txt").write_text("\n".join(f"thing {min(i, 8)}" for i in range(10)))  # "thing 8" twice
     (d / "copy").mkdir()
@@ -200,6 +216,9 @@ def test_layers_lists_the_feature_maps_with_shapes_for_every_backend(files):
     assert "channels_last" in keras_out and "conv2" in keras_out and "(1, 16, 32, 32)" in keras_out
     flax_out = camcore_cli("layers", "entry:flax_model", "--size", SIZE, cwd=d).stdout
     assert "conv1" in flax_out and "(1, 8, 64, 64)" in flax_out
+    # the console script; the entry point imports entry_helper (of the working folder) while it builds the model
+    lazy_out = camcore_cli("layers", "entry:lazy", "--size", SIZE, cwd=d, script=True).stdout
+    assert [ln.split()[0] for ln in lazy_out.splitlines() if ln.endswith("default CAM layer")] == ["1"]
 
 
 def test_compare_writes_the_report_with_every_method_and_metric(files, tmp_path):
