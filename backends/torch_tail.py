@@ -2,8 +2,9 @@
 
 Ablation-CAM needs the target score with each channel of a layer zeroed: ``C`` forward passes that all share the
 layers before the target. :func:`split_at` traces the model with ``torch.fx`` (the target module kept as one
-node; a ``torch.export.unflatten`` module of a ``.pt2`` program has its graph already), cuts the graph after the module's last call and builds two graph modules that share the model's own
-submodules and parameters (nothing is copied or changed):
+node; a ``torch.export.unflatten`` module of a ``.pt2`` program has its graph already), cuts the graph after the
+module's last call and builds two graph modules that share the model's own submodules and parameters (nothing is
+copied or changed):
 
 - ``prefix(x) -> (A, *frontier)``: the layer's activations and every other value the rest of the graph reads
   (skip connections, ``x.size(0)``, ...);
