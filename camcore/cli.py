@@ -311,16 +311,9 @@ def _options(spec, top_k) -> dict:
 
 def _pictures(run: _Run, method: str, maps: np.ndarray, labels: list, out: pathlib.Path) -> list:
     """Write ``out/<image>_<method>.png`` (the image and its map, captioned); returns the map pictures."""
-    from .demo import _picture
-    from .viz import caption, save_png
+    from .demo import save_pictures
 
-    out.mkdir(parents=True, exist_ok=True)
-    pictures = []
-    for stem, photo, cam, label in zip(run.names, run.photos, maps, labels):
-        picture = _picture(photo, cam)
-        save_png(out / f"{stem}_{method}.png", caption(np.concatenate([photo, picture], axis=1), f"{method}: {label}"))
-        pictures.append(picture)
-    return pictures
+    return save_pictures(out, run.names, run.photos, maps, method, [f"{method}: {label}" for label in labels])
 
 
 def _explain(args) -> int:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 __all__ = ["PHOTOS", "TARGETS", "OBJECT_BOXES", "BACKENDS", "load_model", "load_photo", "to_tensor", "installed",
-           "demo_options", "metric_maps", "run", "main"]
+           "demo_options", "metric_maps", "save_pictures", "run", "main"]
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # scikit-image's bundled photos
 # the ImageNet class each photo is explained for: the right one where the model ranks it in its top 3 (tabby cat
@@ -149,6 +149,21 @@ def _picture(photo, cam):
     return guided_image(cam, channels_first=True) if cam.ndim == 3 else overlay(photo, cam)
 
 
+def save_pictures(folder, names, photos, maps, method: str, texts) -> list:
+    """Write ``folder/<name>_<method>.png``, each photo beside its map (a heat map, or a guided gradient's
+    picture) under its caption ``texts[i]``; returns the map pictures ``(H, W, 3)``."""
+    from camcore.viz import caption, save_png
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for name, photo, cam, text in zip(names, photos, maps, texts):
+        picture = _picture(photo, cam)
+        save_png(folder / f"{name}_{method}.png", caption(np.concatenate([photo, picture], axis=1), text))
+        pictures.append(picture)
+    return pictures
+
+
 def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, report: bool = True,
         metrics: bool = True, log=print) -> dict:
     """The demo: every method (default :data:`camcore.METHODS`) on every backend of ``backends`` (default
@@ -162,6 +177,8 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
 
     import camcore
     from camcore import consistency
+    from camcore._xp import to_host
+    from camcore.backends import adapter_for
     from camcore.viz import caption, save_png
 
     start = time.perf_counter()
@@ -191,7 +208,7 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
         xb = inputs_of(x)
         log(f"[{backend}] model ready in {time.perf_counter() - t0:.1f} s")
         every[backend], seconds[backend], layers[backend] = {}, {}, {}
-        outputs[backend] = logits.numpy() if backend == "torch" else _outputs(backend, net, xb)
+        outputs[backend] = to_host(adapter_for(net).capture(xb, [], None, gradients=False).outputs)
         folder = out / backend
         folder.mkdir(exist_ok=True)
         for method in methods:
@@ -202,12 +219,9 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
             seconds[backend][method] = time.perf_counter() - t0
             maps = _host_first(cams, backend != "torch")
             every[backend][method], layers[backend][method] = maps, layer_of(layer) if layer else "input"
-            row, where = [], f" at {layers[backend][method]}" if layer else ""
-            for photo, image, cam, label in zip(PHOTOS, photos, maps, labels):
-                picture = _picture(image, cam)
-                save_png(folder / f"{photo}_{method}.png",
-                         caption(np.concatenate([image, picture], axis=1), f"{method}{where}: {label}"))
-                row.append(caption(picture, label))
+            where = f" at {layers[backend][method]}" if layer else ""
+            pictures = save_pictures(folder, PHOTOS, photos, maps, method, [f"{method}{where}: {t}" for t in labels])
+            row = [caption(picture, label) for picture, label in zip(pictures, labels)]
             save_png(folder / f"{method}.png", caption(np.concatenate(row, axis=1), f"{method}{where} ({backend})"))
             log(f"[{backend}] {method:>20}: {seconds[backend][method]:6.2f} s -> {folder}/<photo>_{method}.png")
     agreement = None
@@ -226,15 +240,6 @@ def run(out="camcore-demo", *, backends=None, methods=None, full: bool = False, 
         f"{'full settings' if full else 'quick settings: ' + _quick_text()})")
     return {"maps": every, "seconds": seconds, "report": path, "total": total, "consistency": agreement,
             "metrics": table}
-
-
-def _outputs(backend, net, xb):
-    from camcore._xp import to_host
-
-    if backend == "keras":
-        return np.asarray(net(xb, training=False))
-    module, variables = net
-    return np.asarray(to_host(module.apply(variables, xb)))
 
 
 def metric_maps(maps) -> np.ndarray:
